@@ -1,0 +1,1 @@
+"""pikaserve.kv"""
