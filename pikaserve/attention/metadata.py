@@ -1,0 +1,30 @@
+"""What one forward pass needs to know about where each token's keys and values live.
+
+Built by the model runner for every step and passed to the model explicitly: no global context.
+Tokens are laid out flat, single-token (decode) rows first, then multi-token chunks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class ChunkSequence:
+    """A sequence computing several tokens this step (a prefill chunk or forced tokens)."""
+
+    query_start: int  # first row of this sequence in the flat token batch
+    query_len: int
+    context_len: int  # tokens in the KV cache after this step, including the new ones
+    block_table: torch.Tensor  # [num_blocks] int64, the sequence's KV blocks in order
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] int64: flat KV slot each new token is written to
+    num_decode_tokens: int  # leading rows that are single-token sequences
+    decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] int64
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_context] bool, True = attend
+    chunks: list[ChunkSequence]

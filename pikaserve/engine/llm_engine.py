@@ -1,0 +1,208 @@
+"""The synchronous engine: add requests, call `step()` until done, read the outputs.
+
+One step = schedule -> one model forward -> sample -> update requests. Everything that talks
+HTTP or asyncio lives above this class (see async_engine.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+from pikaserve.config import ConfigError, EngineConfig
+from pikaserve.engine.detokenizer import IncrementalDetokenizer
+from pikaserve.engine.kv_cache import allocate_kv_cache
+from pikaserve.engine.model_runner import ModelRunner
+from pikaserve.engine.outputs import RequestOutput, TokenLogprob
+from pikaserve.engine.request import Request
+from pikaserve.engine.sampler import Sampler
+from pikaserve.engine.sampling_params import SamplingParams
+from pikaserve.engine.scheduler import Scheduler
+from pikaserve.errors import InvalidRequestError
+from pikaserve.kv.block_pool import BlockPool
+from pikaserve.model.loader import load_model, resolve_model_path
+from pikaserve.platform import configure_threads, resolve_device, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+MAX_DEFAULT_MODEL_LEN = 8192
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        config.validate()
+        self.config = config
+        start = time.perf_counter()
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        configure_threads(config, self.device)
+        path = resolve_model_path(config.model)
+        loaded = load_model(path, self.device, self.dtype, config.max_model_len)
+        self.model_path = path
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.max_model_len = config.max_model_len or min(
+            loaded.config.max_position_embeddings, MAX_DEFAULT_MODEL_LEN
+        )
+        kv_caches, num_blocks = allocate_kv_cache(
+            loaded.config, config, self.device, self.dtype, self.max_model_len
+        )
+        if num_blocks * config.block_size < self.max_model_len:
+            raise ConfigError(
+                f"the KV cache holds {num_blocks * config.block_size} tokens, fewer than "
+                f"max_model_len={self.max_model_len}: raise the KV memory budget or lower "
+                "max_model_len"
+            )
+        if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
+            raise ConfigError(
+                "without chunked prefill, max_num_batched_tokens must be >= max_model_len "
+                f"({config.max_num_batched_tokens} < {self.max_model_len})"
+            )
+        self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.pool,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            config.enable_chunked_prefill,
+        )
+        self.runner = ModelRunner(loaded.model, kv_caches, config.block_size, self.device)
+        self.sampler = Sampler(loaded.config.vocab_size)
+        self.requests: dict[str, Request] = {}
+        self.load_seconds = time.perf_counter() - start
+        logger.info(
+            "loaded %s (%s, %s) in %.2fs; KV cache %d blocks x %d tokens",
+            path.name, self.device, str(self.dtype).removeprefix("torch."),
+            self.load_seconds, num_blocks, config.block_size,
+        )
+
+    # --- requests -----------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        constraint: object | None = None,
+    ) -> Request:
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_prompt(token_ids, params)
+        eos = frozenset() if params.ignore_eos else self.tokenizer.eos_token_ids
+        detok = IncrementalDetokenizer(
+            self.tokenizer, token_ids, params.stop, params.include_stop_str_in_output
+        )
+        req = Request(request_id, token_ids, params, detok, eos, constraint)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return req
+
+    def _check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        n = len(token_ids)
+        if n >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {n} tokens; this model's maximum context length is "
+                f"{self.max_model_len} and at least one token must be generated",
+                "prompt",
+            )
+        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"max_tokens={params.max_tokens} plus the prompt's {n} tokens exceeds the "
+                f"maximum context length {self.max_model_len}",
+                "max_tokens",
+            )
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        self.scheduler.abort(req)
+        req.finish_reason = "abort"
+        return self._output(req, [], [], finished=True)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # --- stepping -----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return []
+        now = time.perf_counter()
+        for s in out.scheduled:
+            if s.request.scheduled_time is None:
+                s.request.scheduled_time = now
+        logits = self.runner.execute(out)
+        sampling = [s.request for s in out.scheduled if s.samples]
+        self.scheduler.advance(out)
+        if not sampling:
+            return []
+        result = self.sampler(logits, sampling)
+        return [
+            self._update(req, token, lp)
+            for req, token, lp in zip(sampling, result.token_ids, result.logprobs)
+        ]
+
+    def _update(self, req: Request, token: int, logprob) -> RequestOutput:
+        now = time.perf_counter()
+        if req.first_token_time is None:
+            req.first_token_time = now
+        req.last_token_time = now
+        req.append_tokens([token])
+        p = req.params
+        logprobs = [TokenLogprob(token, logprob[0], logprob[1])] if logprob else []
+        if token in req.eos_token_ids or token in p.stop_token_ids:
+            req.finish_reason, req.stop_reason = "stop", (
+                None if token in req.eos_token_ids else token
+            )
+        else:
+            hit = req.detokenizer.add_tokens([token])
+            if hit is not None:
+                req.finish_reason, req.stop_reason = "stop", hit
+            elif (p.max_tokens is not None and len(req.output_token_ids) >= p.max_tokens) or (
+                req.num_tokens >= self.max_model_len
+            ):
+                req.finish_reason = "length"
+        finished = req.finish_reason is not None
+        if finished:
+            self.scheduler.finish(req)
+            del self.requests[req.request_id]
+        return self._output(req, [token], logprobs, finished)
+
+    def _output(
+        self, req: Request, tokens: list[int], logprobs: list[TokenLogprob], finished: bool
+    ) -> RequestOutput:
+        return RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=tokens,
+            new_text=req.detokenizer.take_delta(finished),
+            finished=finished,
+            finish_reason=req.finish_reason,
+            stop_reason=req.stop_reason,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=max(req.num_cached_tokens, 0),
+            num_output_tokens=len(req.output_token_ids),
+            logprobs=logprobs,
+            arrival_time=req.arrival_time,
+            scheduled_time=req.scheduled_time,
+            first_token_time=req.first_token_time,
+            finished_time=time.perf_counter() if finished else None,
+        )
+
+    # --- introspection ------------------------------------------------------------------
+    @property
+    def num_forward_passes(self) -> int:
+        return self.runner.num_forward_passes
+
+    def kv_usage(self) -> float:
+        return self.pool.usage
+
+    def pool_is_idle(self) -> bool:
+        """True when every KV block is free or merely cached (no request holds one)."""
+        return self.pool.num_free_blocks == self.pool.num_blocks
+

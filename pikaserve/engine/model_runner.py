@@ -1,0 +1,83 @@
+"""Turns a scheduled batch into flat tensors, runs the model, returns logits of sampled rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pikaserve.attention.metadata import AttentionMetadata, ChunkSequence
+from pikaserve.engine.scheduler import SchedulerOutput
+from pikaserve.model.llama import LlamaForCausalLM
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        block_size: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = device
+        self.num_forward_passes = 0
+
+    def execute(self, out: SchedulerOutput) -> torch.Tensor:
+        """Logits [num_sampling_rows, vocab] (float32), in the order of `out.scheduled`'s
+        requests that sample this step."""
+        bs = self.block_size
+        ids, positions, slots, logits_rows = [], [], [], []
+        chunks: list[ChunkSequence] = []
+        dec_tables: list[list[int]] = []
+        dec_lens: list[int] = []
+        row = 0
+        for s in out.scheduled:
+            req, n = s.request, s.num_new_tokens
+            start = req.num_computed_tokens
+            pos = np.arange(start, start + n, dtype=np.int64)
+            table = np.asarray(req.block_ids, dtype=np.int64)
+            ids.append(np.asarray(req.all_token_ids[start : start + n], dtype=np.int64))
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            if n == 1:
+                dec_tables.append(req.block_ids)
+                dec_lens.append(start + 1)
+            else:
+                num_blocks = -(-(start + n) // bs)
+                chunks.append(
+                    ChunkSequence(row, n, start + n, self._tensor(table[:num_blocks]))
+                )
+            row += n
+            if s.samples:
+                logits_rows.append(row - 1)
+
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(np.concatenate(slots)),
+            num_decode_tokens=len(dec_lens),
+            decode_block_tables=None,
+            decode_mask=None,
+            chunks=chunks,
+        )
+        if dec_lens:
+            width = max(len(t) for t in dec_tables)
+            tables = np.zeros((len(dec_tables), width), dtype=np.int64)
+            for i, t in enumerate(dec_tables):
+                tables[i, : len(t)] = t
+            lens = np.asarray(dec_lens, dtype=np.int64)
+            mask = np.arange(int(lens.max()))[None, :] < lens[:, None]
+            meta.decode_block_tables = self._tensor(tables)
+            meta.decode_mask = torch.from_numpy(mask).to(self.device)[:, None, None, :]
+
+        self.num_forward_passes += 1
+        return self.model(
+            self._tensor(np.concatenate(ids)),
+            self._tensor(np.concatenate(positions)),
+            self.kv_caches,
+            meta,
+            self._tensor(np.asarray(logits_rows, dtype=np.int64)),
+        )
+
+    def _tensor(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(self.device, non_blocking=True)

@@ -1,0 +1,128 @@
+"""Turns next-token logits into tokens for a whole batch at once.
+
+Order: penalties -> constraint mask (already applied by the caller) -> greedy rows take argmax;
+sampled rows get temperature, top-k, top-p and min-p, then an exponential race (Gumbel-style)
+that lets seeded requests draw their noise from their own generator.
+Logprobs, when asked for, are those of the model's raw distribution (after the mask, before
+temperature), like vLLM's default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pikaserve.engine.request import Request
+
+
+@dataclass(slots=True)
+class SampleResult:
+    token_ids: list[int]
+    # per row: (chosen logprob, [(token_id, logprob), ...] top alternatives) or None
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+
+
+class Sampler:
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
+        logits = logits[:, : self.vocab_size]
+        if any(r.params.has_penalties for r in requests):
+            logits = apply_penalties(logits, requests)
+        want_logprobs = any(r.params.logprobs is not None for r in requests)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+
+        tokens = logits.argmax(dim=-1)
+        sampled_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
+        if sampled_rows:
+            rows = torch.tensor(sampled_rows, device=logits.device)
+            chosen = _sample(logits[rows], [requests[i] for i in sampled_rows])
+            tokens[rows] = chosen
+        token_list = tokens.tolist()
+        return SampleResult(token_list, _gather_logprobs(raw_logprobs, token_list, requests))
+
+
+def _sample(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    device = logits.device
+    temps = torch.tensor([r.params.temperature for r in requests], device=device)
+    logits = logits / temps.unsqueeze(1)
+    top_ks = [r.params.top_k for r in requests]
+    top_ps = [r.params.top_p for r in requests]
+    if any(k > 0 for k in top_ks) or any(p < 1.0 for p in top_ps):
+        logits = _top_k_top_p(logits, top_ks, top_ps)
+    probs = torch.softmax(logits, dim=-1)
+    min_ps = torch.tensor([r.params.min_p for r in requests], device=device)
+    if bool((min_ps > 0).any()):
+        threshold = probs.max(dim=-1, keepdim=True).values * min_ps.unsqueeze(1)
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    # argmax(p / E) with E ~ Exp(1) draws from p; seeded rows use their own generator.
+    noise = torch.empty_like(probs)
+    unseeded = [i for i, r in enumerate(requests) if r.generator is None]
+    if unseeded:
+        noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=device).exponential_()
+    for i, r in enumerate(requests):
+        if r.generator is not None:
+            row = torch.empty(probs.shape[1], dtype=probs.dtype)
+            noise[i] = row.exponential_(generator=r.generator).to(device)
+    return (probs / noise).argmax(dim=-1)
+
+
+def _top_k_top_p(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
+    vocab = logits.shape[1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    device = logits.device
+    ks = torch.tensor([k if k > 0 else vocab for k in top_ks], device=device)
+    ranks = torch.arange(vocab, device=device).unsqueeze(0)
+    remove = ranks >= ks.unsqueeze(1)
+    ps = torch.tensor(top_ps, device=device, dtype=logits.dtype)
+    probs = torch.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
+    # drop a token when the mass strictly before it already reaches top_p (keeps at least one)
+    mass_before = probs.cumsum(dim=-1) - probs
+    remove |= mass_before >= ps.unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """OpenAI presence/frequency penalties on generated tokens; repetition penalty (CTRL-style)
+    on prompt and generated tokens, as vLLM does."""
+    logits = logits.clone()
+    vocab = logits.shape[1]
+    for i, r in enumerate(requests):
+        p = r.params
+        if not p.has_penalties:
+            continue
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(r.all_token_ids)), dtype=torch.long, device=logits.device)
+            seen = seen[seen < vocab]
+            row = logits[i, seen]
+            logits[i, seen] = torch.where(
+                row > 0, row / p.repetition_penalty, row * p.repetition_penalty
+            )
+        if r.output_token_ids and (p.presence_penalty or p.frequency_penalty):
+            out = torch.tensor(r.output_token_ids, dtype=torch.long, device=logits.device)
+            out = out[out < vocab]
+            counts = torch.zeros(vocab, device=logits.device).index_add_(
+                0, out, torch.ones(len(out), device=logits.device)
+            )
+            logits[i] -= counts * p.frequency_penalty + (counts > 0).float() * p.presence_penalty
+    return logits
+
+
+def _gather_logprobs(
+    raw: torch.Tensor | None, tokens: list[int], requests: list[Request]
+) -> list[tuple[float, list[tuple[int, float]]] | None]:
+    if raw is None:
+        return [None] * len(requests)
+    rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    out: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(requests)
+    k = max(requests[i].params.logprobs for i in rows)
+    top_vals, top_ids = raw[rows].topk(max(k, 1), dim=-1) if k else (None, None)
+    chosen = raw[rows, [tokens[i] for i in rows]].tolist()
+    for j, i in enumerate(rows):
+        n = requests[i].params.logprobs
+        alts = list(zip(top_ids[j, :n].tolist(), top_vals[j, :n].tolist())) if n else []
+        out[i] = (chosen[j], alts)
+    return out

@@ -1,0 +1,176 @@
+"""Continuous batching under a token budget, with chunked prefill, prefix reuse and preemption.
+
+Each step the scheduler walks the running requests in arrival order (so decodes, which need one
+token each, are never starved by a long prompt), then admits waiting requests into what is left
+of the token budget. A request's progress is just `num_computed_tokens` against its token list,
+so prompt chunks, decode steps, recomputation after preemption and tokens forced by a grammar are
+all the same thing: "compute the next N tokens". When KV blocks run out, the most recently
+admitted running request is preempted and later recomputed (its full blocks usually survive in
+the prefix cache).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from pikaserve.engine.request import Request, RequestStatus
+from pikaserve.kv.block_pool import BlockPool, chain_hash
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this step reaches the end of the request's known tokens."""
+        r = self.request
+        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)  # single-token rows first
+    num_tokens: int = 0
+    num_preempted: int = 0
+
+
+class Scheduler:
+    def __init__(
+        self,
+        pool: BlockPool,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        enable_chunked_prefill: bool,
+    ) -> None:
+        self.pool = pool
+        self.block_size = pool.block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def abort(self, request: Request) -> None:
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self._release(request)
+        request.status = RequestStatus.FINISHED
+
+    def finish(self, request: Request) -> None:
+        self.running.remove(request)
+        self._release(request)
+        request.status = RequestStatus.FINISHED
+
+    # --- one step -----------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        singles: list[ScheduledRequest] = []
+        chunks: list[ScheduledRequest] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self._grow(req, req.num_computed_tokens + n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.num_preempted += 1
+                if victim is req:
+                    break
+            else:
+                (singles if n == 1 else chunks).append(ScheduledRequest(req, n))
+                budget -= n
+                i += 1
+
+        # Admit new work only when nothing had to be preempted: memory is tight otherwise.
+        while (
+            self.waiting
+            and budget > 0
+            and not out.num_preempted
+            and len(self.running) < self.max_num_seqs
+        ):
+            req = self.waiting[0]
+            if not req.block_ids:
+                self._reuse_prefix(req)
+            n = req.num_tokens - req.num_computed_tokens
+            if n > budget and not self.enable_chunked_prefill:
+                break
+            n = min(n, budget)
+            if not self._grow(req, req.num_computed_tokens + n):
+                self._release(req)  # don't sit on cached blocks while waiting
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            (singles if n == 1 else chunks).append(ScheduledRequest(req, n))
+            budget -= n
+
+        out.scheduled = singles + chunks
+        out.num_tokens = self.max_num_batched_tokens - budget
+        return out
+
+    def advance(self, out: SchedulerOutput) -> None:
+        """Record that the scheduled tokens were computed; publish blocks that became full."""
+        for s in out.scheduled:
+            req = s.request
+            req.num_computed_tokens += s.num_new_tokens
+            num_full = req.num_computed_tokens // self.block_size
+            self._extend_hashes(req, num_full)
+            for b in range(req.num_published_blocks, num_full):
+                self.pool.cache_block(req.block_ids[b], req.block_hashes[b])
+            req.num_published_blocks = max(req.num_published_blocks, num_full)
+
+    # --- helpers ------------------------------------------------------------------------
+    def _grow(self, req: Request, num_tokens: int) -> bool:
+        need = -(-num_tokens // self.block_size) - len(req.block_ids)
+        if need <= 0:
+            return True
+        blocks = self.pool.allocate(need)
+        if blocks is None:
+            return False
+        req.block_ids.extend(blocks)
+        return True
+
+    def _reuse_prefix(self, req: Request) -> None:
+        # Keep at least one token to compute: the step must produce logits.
+        max_blocks = (req.num_tokens - 1) // self.block_size
+        self._extend_hashes(req, max_blocks)
+        cached = self.pool.match_prefix(req.block_hashes[:max_blocks])
+        req.block_ids = cached
+        req.num_published_blocks = len(cached)
+        req.num_computed_tokens = len(cached) * self.block_size
+        if req.num_cached_tokens < 0:  # count the first admission only, not recomputes
+            req.num_cached_tokens = min(req.num_computed_tokens, req.num_prompt_tokens)
+            self.pool.record_lookup(req.num_prompt_tokens, req.num_cached_tokens)
+
+    def _extend_hashes(self, req: Request, num_blocks: int) -> None:
+        bs, hashes, tokens = self.block_size, req.block_hashes, req.all_token_ids
+        while len(hashes) < num_blocks:
+            b = len(hashes)
+            parent = hashes[-1] if hashes else None
+            hashes.append(chain_hash(parent, tokens[b * bs : (b + 1) * bs]))
+
+    def _preempt(self, req: Request) -> None:
+        self._release(req)
+        req.status = RequestStatus.WAITING
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _release(self, req: Request) -> None:
+        self.pool.free(req.block_ids)
+        req.block_ids = []
+        req.num_computed_tokens = 0
+        req.num_published_blocks = 0

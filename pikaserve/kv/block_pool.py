@@ -1,0 +1,116 @@
+"""Paged KV block bookkeeping with automatic prefix caching.
+
+Blocks are reference-counted. A full block gets a hash chained from its parent block's hash and
+its own tokens, so equal prefixes map to equal blocks across requests. When its last user frees
+it, a hashed block stays cached, evictable in least-recently-freed order; a block without a hash
+goes straight back to the free list.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: int | None = None
+
+
+def chain_hash(parent: int | None, tokens: Sequence[int]) -> int:
+    return hash((parent, tuple(tokens)))
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+        if num_blocks < 1:
+            raise ValueError("the KV cache needs at least one block")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() from the end
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced
+        self._cached: dict[int, int] = {}  # block hash -> block id
+        self.queries = 0  # prompt tokens looked up in the prefix cache
+        self.hits = 0  # of which found
+
+    # --- capacity -----------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks that an allocation can take: truly free plus evictable cached ones."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    # --- allocation ---------------------------------------------------------------------
+    def allocate(self, n: int) -> list[int] | None:
+        """n fresh blocks with ref_count 1, or None (and nothing taken) if they don't fit."""
+        if n > self.num_free_blocks:
+            return None
+        out = []
+        for _ in range(n):
+            if self._free:
+                block_id = self._free.pop()
+            else:
+                block_id, _ = self._evictable.popitem(last=False)  # least recently freed
+                block = self.blocks[block_id]
+                del self._cached[block.block_hash]
+                block.block_hash = None
+            self.blocks[block_id].ref_count = 1
+            out.append(block_id)
+        return out
+
+    def free(self, block_ids: Sequence[int]) -> None:
+        # Free the tail first so a prefix's head blocks are evicted last.
+        for block_id in reversed(block_ids):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                if block.block_hash is None:
+                    self._free.append(block_id)
+                else:
+                    self._evictable[block_id] = None
+
+    # --- prefix cache -------------------------------------------------------------------
+    def match_prefix(self, block_hashes: Sequence[int]) -> list[int]:
+        """Take a reference on the longest run of cached blocks matching these hashes."""
+        found = []
+        if self.enable_prefix_caching:
+            for h in block_hashes:
+                block_id = self._cached.get(h)
+                if block_id is None:
+                    break
+                found.append(block_id)
+        for block_id in found:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self._evictable[block_id]
+            block.ref_count += 1
+        return found
+
+    def cache_block(self, block_id: int, block_hash: int) -> None:
+        """Publish a block that just became full; the first copy of a prefix wins."""
+        if not self.enable_prefix_caching or block_hash in self._cached:
+            return
+        self.blocks[block_id].block_hash = block_hash
+        self._cached[block_hash] = block_id
+
+    def record_lookup(self, queried: int, hit: int) -> None:
+        self.queries += queried
+        self.hits += hit
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every unreferenced cached block; False if some cached block is still in use."""
+        for block_id in list(self._evictable):
+            block = self.blocks[block_id]
+            del self._cached[block.block_hash]
+            block.block_hash = None
+            self._free.append(block_id)
+        self._evictable.clear()
+        return not self._cached

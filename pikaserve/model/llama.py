@@ -1,0 +1,143 @@
+"""Llama-family decoder (Llama 2/3, SmolLM, TinyLlama, Qwen2/2.5, Qwen3) over a paged KV cache.
+
+Weights arrive with Hugging Face names; q/k/v and gate/up projections are fused at load time so
+each layer runs three matmuls fewer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pikaserve.attention.metadata import AttentionMetadata
+from pikaserve.attention.torch_backend import TorchPagedAttention
+from pikaserve.model.checkpoint import ModelLoadError
+from pikaserve.model.model_config import ModelConfig
+from pikaserve.model.rope import RotaryEmbedding
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in float32 like the reference, scale in the model dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        q_size = cfg.num_heads * cfg.head_dim
+        kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.q_size, self.kv_size = q_size, kv_size
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.attn = TorchPagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rope: RotaryEmbedding,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        h = self.input_layernorm(x)
+        q, k, v = self.qkv_proj(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, cfg.num_heads, cfg.head_dim)
+        k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope(positions, q, k)
+        attn = self.attn.forward(q, k, v, kv[0], kv[1], meta)
+        x = x + self.o_proj(attn.view(-1, self.q_size))
+        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(cfg, max_positions, dtype)
+        self.requires_grad_(False)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+        logits_indices: torch.Tensor,  # [R] rows whose next-token logits are needed
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for layer, kv in zip(self.layers, kv_caches):
+            x = layer(x, positions, self.rope, kv, meta)
+        x = self.norm(x[logits_indices])
+        return self.lm_head(x).float()
+
+    def load_hf_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up; consumes `tensors`."""
+        own = dict(self.named_parameters())
+        take = _Taker(tensors)
+        own["embed_tokens.weight"].copy_(take("model.embed_tokens.weight"))
+        own["norm.weight"].copy_(take("model.norm.weight"))
+        if self.cfg.tie_word_embeddings and "lm_head.weight" not in tensors:
+            self.lm_head.weight = self.embed_tokens.weight
+        else:
+            own["lm_head.weight"].copy_(take("lm_head.weight"))
+        for i in range(self.cfg.num_layers):
+            p = f"model.layers.{i}."
+            attn, mlp = p + "self_attn.", p + "mlp."
+            qkv = [take(f"{attn}{n}_proj.weight") for n in "qkv"]
+            own[f"layers.{i}.qkv_proj.weight"].copy_(torch.cat(qkv))
+            if self.cfg.qkv_bias:
+                own[f"layers.{i}.qkv_proj.bias"].copy_(
+                    torch.cat([take(f"{attn}{n}_proj.bias") for n in "qkv"])
+                )
+            own[f"layers.{i}.o_proj.weight"].copy_(take(attn + "o_proj.weight"))
+            if self.cfg.qk_norm:
+                own[f"layers.{i}.q_norm.weight"].copy_(take(attn + "q_norm.weight"))
+                own[f"layers.{i}.k_norm.weight"].copy_(take(attn + "k_norm.weight"))
+            own[f"layers.{i}.gate_up_proj.weight"].copy_(
+                torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")])
+            )
+            own[f"layers.{i}.down_proj.weight"].copy_(take(mlp + "down_proj.weight"))
+            own[f"layers.{i}.input_layernorm.weight"].copy_(take(p + "input_layernorm.weight"))
+            own[f"layers.{i}.post_attention_layernorm.weight"].copy_(
+                take(p + "post_attention_layernorm.weight")
+            )
+
+
+class _Taker:
+    """Pops named tensors, turning a missing name into a clear load error."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def __call__(self, name: str) -> torch.Tensor:
+        try:
+            return self.tensors.pop(name)
+        except KeyError:
+            raise ModelLoadError(f"checkpoint is missing tensor {name!r}") from None

