@@ -39,6 +39,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     num_threads: int | None = None  # CPU intra-op threads; None: all cores
     seed: int = 0
+    structured_output_fast_forward: bool = True  # append grammar-forced tokens without sampling
     kv_cache_dtype: str = "auto"
 
     def validate(self) -> None:

@@ -87,7 +87,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._check_prompt(token_ids, params)
+        self.check_request(token_ids, params)
         eos = frozenset() if params.ignore_eos else self.tokenizer.eos_token_ids
         detok = IncrementalDetokenizer(
             self.tokenizer, token_ids, params.stop, params.include_stop_str_in_output
@@ -97,7 +97,8 @@ class LLMEngine:
         self.scheduler.add(req)
         return req
 
-    def _check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+    def check_request(self, token_ids: list[int], params: SamplingParams) -> None:
+        """Raises InvalidRequestError for a request that can never run; touches no state."""
         if not token_ids:
             raise InvalidRequestError("the prompt is empty", "prompt")
         vocab = self.model_config.vocab_size
@@ -153,26 +154,50 @@ class LLMEngine:
         if req.first_token_time is None:
             req.first_token_time = now
         req.last_token_time = now
-        req.append_tokens([token])
-        p = req.params
+        tokens = [token] + self._constrain(req, token)
+        kept = self._check_stops(req, tokens)
+        req.append_tokens(kept)
         logprobs = [TokenLogprob(token, logprob[0], logprob[1])] if logprob else []
-        if token in req.eos_token_ids or token in p.stop_token_ids:
-            req.finish_reason, req.stop_reason = "stop", (
-                None if token in req.eos_token_ids else token
-            )
-        else:
-            hit = req.detokenizer.add_tokens([token])
-            if hit is not None:
-                req.finish_reason, req.stop_reason = "stop", hit
-            elif (p.max_tokens is not None and len(req.output_token_ids) >= p.max_tokens) or (
-                req.num_tokens >= self.max_model_len
-            ):
-                req.finish_reason = "length"
         finished = req.finish_reason is not None
         if finished:
             self.scheduler.finish(req)
             del self.requests[req.request_id]
-        return self._output(req, [token], logprobs, finished)
+        return self._output(req, kept, logprobs, finished)
+
+    def _constrain(self, req: Request, token: int) -> list[int]:
+        """Advance the request's grammar; returns the tokens it forces next (fast-forward)."""
+        c = req.constraint
+        if c is None or token in req.eos_token_ids:
+            return []
+        c.accept([token])
+        if c.is_finished or not self.config.structured_output_fast_forward:
+            return []
+        forced = c.forced_tokens()
+        if forced:
+            c.accept(forced)
+        return forced
+
+    def _check_stops(self, req: Request, tokens: list[int]) -> list[int]:
+        """Tokens to append, cut at the first that ends the request (sets finish_reason)."""
+        p = req.params
+        for n, t in enumerate(tokens, 1):
+            if t in req.eos_token_ids or t in p.stop_token_ids:
+                req.finish_reason = "stop"
+                req.stop_reason = None if t in req.eos_token_ids else t
+                return tokens[:n]
+            hit = req.detokenizer.add_tokens([t])
+            if hit is not None:
+                req.finish_reason, req.stop_reason = "stop", hit
+                return tokens[:n]
+            num_out = len(req.output_token_ids) + n
+            if (p.max_tokens is not None and num_out >= p.max_tokens) or (
+                req.num_tokens + n >= self.max_model_len
+            ):
+                req.finish_reason = "length"
+                return tokens[:n]
+        if req.constraint is not None and req.constraint.is_finished:
+            req.finish_reason = "stop"  # the answer is complete: no pass for end-of-sequence
+        return tokens
 
     def _output(
         self, req: Request, tokens: list[int], logprobs: list[TokenLogprob], finished: bool

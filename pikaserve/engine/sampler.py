@@ -1,6 +1,6 @@
 """Turns next-token logits into tokens for a whole batch at once.
 
-Order: penalties -> constraint mask (already applied by the caller) -> greedy rows take argmax;
+Order: penalties -> constraint mask (structured output) -> greedy rows take argmax;
 sampled rows get temperature, top-k, top-p and min-p, then an exponential race (Gumbel-style)
 that lets seeded requests draw their noise from their own generator.
 Logprobs, when asked for, are those of the model's raw distribution (after the mask, before
@@ -31,6 +31,9 @@ class Sampler:
         logits = logits[:, : self.vocab_size]
         if any(r.params.has_penalties for r in requests):
             logits = apply_penalties(logits, requests)
+        for i, r in enumerate(requests):
+            if r.constraint is not None:
+                r.constraint.mask_logits(logits[i])
         want_logprobs = any(r.params.logprobs is not None for r in requests)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
 

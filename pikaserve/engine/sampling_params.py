@@ -8,6 +8,30 @@ from pikaserve.errors import InvalidRequestError
 
 
 @dataclass(slots=True)
+class StructuredOutputsParams:
+    """One output constraint (vLLM's `structured_outputs`); exactly one field is set."""
+
+    json: dict | str | None = None  # a JSON Schema (dict or JSON text)
+    json_object: bool = False  # any JSON object
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # Lark-style grammar text
+
+    def __post_init__(self) -> None:
+        n = sum(x is not None for x in (self.json, self.regex, self.choice, self.grammar))
+        n += bool(self.json_object)
+        if n != 1:
+            raise InvalidRequestError(
+                "structured outputs take exactly one of json, json_object, regex, choice, grammar",
+                "structured_outputs",
+            )
+        if self.choice is not None and (
+            not self.choice or not all(isinstance(c, str) for c in self.choice)
+        ):
+            raise InvalidRequestError("choice must be a non-empty list of strings", "choice")
+
+
+@dataclass(slots=True)
 class SamplingParams:
     max_tokens: int | None = 16  # None: up to max_model_len
     temperature: float = 1.0  # 0 means greedy
@@ -23,6 +47,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
