@@ -52,6 +52,7 @@ class Scheduler:
         self.enable_chunked_prefill = enable_chunked_prefill
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.num_preemptions = 0  # total, for metrics and tests
 
     @property
     def has_unfinished(self) -> bool:
@@ -167,6 +168,7 @@ class Scheduler:
         self._release(req)
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(req)
 
     def _release(self, req: Request) -> None:

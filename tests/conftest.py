@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny random models (made once per session) and the default model path."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny_models.py for every test package
+
+from tiny_models import make_tiny_model  # noqa: E402
+
+TINY_KINDS = ("llama", "qwen2", "qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> "callable":
+    """tiny_model_dir(kind) -> folder with a random HF checkpoint of that kind (cached)."""
+    made: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in made:
+            made[kind] = make_tiny_model(kind, tmp_path_factory.mktemp(f"tiny_{kind}"))
+        return made[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> Path:
+    from pikaserve.model.loader import default_model_path as path
+
+    return path()

@@ -1,0 +1,90 @@
+"""Sampler: greedy, temperature, top-k/top-p/min-p, seeds, penalties, logprobs (unit level)."""
+
+from __future__ import annotations
+
+import torch
+
+from pikaserve.engine.request import Request
+from pikaserve.engine.sampler import Sampler
+from pikaserve.engine.sampling_params import SamplingParams
+
+VOCAB = 8
+
+
+def req(output=(), prompt=(1,), **kw) -> Request:
+    r = Request("r", list(prompt), SamplingParams(**kw), detokenizer=None, eos_token_ids=frozenset())
+    r.append_tokens(list(output))
+    return r
+
+
+def draw(logits: torch.Tensor, n: int = 400, **kw) -> torch.Tensor:
+    sampler = Sampler(VOCAB)
+    rows = logits.expand(n, -1).clone()
+    return torch.tensor(sampler(rows, [req(**kw) for _ in range(n)]).token_ids)
+
+
+LOGITS = torch.log(torch.tensor([[0.4, 0.3, 0.15, 0.1, 0.05, 0.0, 0.0, 0.0]]) + 1e-9)
+
+
+def test_greedy_takes_argmax_per_row():
+    logits = torch.randn(5, VOCAB)
+    out = Sampler(VOCAB)(logits, [req(temperature=0) for _ in range(5)])
+    assert out.token_ids == logits.argmax(-1).tolist()
+
+
+def test_top_k_top_p_min_p_restrict_support():
+    assert set(draw(LOGITS, top_k=2).tolist()) <= {0, 1}
+    # mass before token 2 is 0.7 >= 0.7: tokens 0 and 1 only
+    assert set(draw(LOGITS, top_p=0.7).tolist()) <= {0, 1}
+    assert set(draw(LOGITS, top_p=0.71).tolist()) <= {0, 1, 2}
+    # min_p 0.5: keep p >= 0.2
+    assert set(draw(LOGITS, min_p=0.5).tolist()) <= {0, 1}
+    assert set(draw(LOGITS).tolist()) == {0, 1, 2, 3, 4}
+
+
+def test_sampling_follows_the_distribution():
+    tokens = draw(LOGITS, n=4000)
+    freq = torch.bincount(tokens, minlength=VOCAB).float() / len(tokens)
+    torch.testing.assert_close(freq[:5], torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05]), atol=0.04, rtol=0)
+
+
+def test_low_temperature_concentrates():
+    tokens = draw(LOGITS, temperature=0.05)
+    assert (tokens == 0).float().mean() > 0.95
+
+
+def test_seeded_rows_are_reproducible_and_independent_of_batch():
+    sampler = Sampler(VOCAB)
+    logits = torch.zeros(3, VOCAB)
+    a = [sampler(logits[:1], [req(seed=7)]).token_ids[0] for _ in range(1)]
+    r1 = [req(seed=7), req(), req(seed=9)]
+    first = [sampler(logits, r1).token_ids for _ in range(6)]
+    r2 = [req(seed=7), req(), req(seed=9)]
+    second = [sampler(logits, r2).token_ids for _ in range(6)]
+    assert [row[0] for row in first] == [row[0] for row in second]
+    assert [row[2] for row in first] == [row[2] for row in second]
+    assert first[0][0] == a[0]
+
+
+def test_penalties():
+    sampler = Sampler(VOCAB)
+    logits = torch.tensor([[2.0, 1.9, 0, 0, 0, 0, 0, 0]])
+    assert sampler(logits.clone(), [req(temperature=0)]).token_ids == [0]
+    # token 0 generated twice: frequency penalty pushes it below token 1
+    r = req(output=[0, 0], temperature=0, frequency_penalty=0.1)
+    assert sampler(logits.clone(), [r]).token_ids == [1]
+    r = req(output=[0], temperature=0, presence_penalty=0.2)
+    assert sampler(logits.clone(), [r]).token_ids == [1]
+    r = req(prompt=[0], temperature=0, repetition_penalty=1.1)
+    assert sampler(logits.clone(), [r]).token_ids == [1]
+
+
+def test_logprobs_are_raw_log_softmax_with_top_alternatives():
+    sampler = Sampler(VOCAB)
+    logits = torch.randn(2, VOCAB)
+    out = sampler(logits, [req(temperature=0, logprobs=3), req(temperature=0)])
+    ref = torch.log_softmax(logits[0], -1)
+    chosen, top = out.logprobs[0]
+    assert abs(chosen - float(ref.max())) < 1e-6
+    assert [t for t, _ in top] == ref.topk(3).indices.tolist()
+    assert out.logprobs[1] is None
