@@ -16,9 +16,12 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from pikaserve.bench.validity import make_checker
+
+if TYPE_CHECKING:
+    from pikaserve.bench.config import BenchConfig
 
 TokenCounter = Callable[[str], int]
 Checker = Callable[[Any], bool]
@@ -97,8 +100,12 @@ def find_pika_dir() -> Path | None:
     return None
 
 
-def pika_workload(pika_dir: Path, send_schema: bool = True, max_tokens: int = PIKA_MAX_TOKENS, warmup: int = 0) -> Workload:
-    """The Pika classifier: one request per turn, answers always checked against the schema."""
+def pika_workload(pika_dir: Path, schema_form: str = "json_schema", max_tokens: int = PIKA_MAX_TOKENS, warmup: int = 0) -> Workload:
+    """The Pika classifier: one request per turn, answers always checked against the schema.
+
+    `schema_form` says how the schema is sent: "json_schema" (OpenAI, vLLM), "json_object" with a
+    `schema` key (llama-cpp-python's server, which rejects json_schema), or "none".
+    """
     try:
         system = (pika_dir / "system_prompt.txt").read_text(encoding="utf-8")
         schema = json.loads((pika_dir / "answer.schema.json").read_text(encoding="utf-8"))
@@ -106,13 +113,16 @@ def pika_workload(pika_dir: Path, send_schema: bool = True, max_tokens: int = PI
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot read the Pika workload from {pika_dir}: {exc}") from None
     checker = make_checker(schema)
-    response_format = {"type": "json_schema", "json_schema": {"name": "pika_answer", "schema": schema, "strict": True}}
+    response_format = {
+        "json_schema": {"type": "json_schema", "json_schema": {"name": "pika_answer", "schema": schema, "strict": True}},
+        "json_object": {"type": "json_object", "schema": schema},
+    }.get(schema_form)
     requests = tuple(
         BenchRequest(
             messages=({"role": "system", "content": system}, {"role": "user", "content": USER_TEMPLATE.format(**turn)}),
             max_tokens=max_tokens,
             temperature=0.0,
-            response_format=response_format if send_schema else None,
+            response_format=response_format,
             checker=checker,
         )
         for turn in turns
@@ -209,8 +219,8 @@ def prefix_repetition_workload(
 def _checker_for(response_format: Any) -> Checker | None:
     if not isinstance(response_format, dict):
         return None
-    if response_format.get("type") == "json_object":
-        return make_checker(True)
+    if response_format.get("type") == "json_object":  # llama-cpp-python accepts a "schema" here
+        return make_checker(response_format.get("schema", True))
     if response_format.get("type") == "json_schema":
         spec = response_format.get("json_schema") or {}
         return make_checker(spec.get("schema", True))
@@ -250,3 +260,27 @@ def file_workload(path: Path, warmup: int = 0) -> Workload:
     if not requests:
         raise ValueError(f"{path} has no requests")
     return Workload(f"file:{path.name}", tuple(requests), tuple(requests[i % len(requests)] for i in range(warmup)))
+
+
+SYNTHETIC = ("random", "prefix-repetition")  # workloads whose lengths are fitted with a tokenizer
+
+
+def workload_from_config(config: BenchConfig, count: TokenCounter | None) -> Workload:
+    """Build the configured workload; `count` is the server's token counter, if it has one."""
+    if config.workload == "pika":
+        pika_dir = config.pika_dir or find_pika_dir()
+        if pika_dir is None:
+            raise ValueError("cannot find the Pika files (shared/pika); pass --pika-dir")
+        return pika_workload(pika_dir, config.pika_schema, PIKA_MAX_TOKENS, config.warmup)
+    if config.workload == "file":
+        return file_workload(Path(config.dataset or ""), config.warmup)
+    if config.num_prompts is not None:
+        n = config.num_prompts
+    else:  # enough distinct prompts that no request of the run repeats an earlier one
+        n = config.num_requests * len(config.points) if config.num_requests is not None else 1000
+    ignore_eos = config.ignore_eos if config.ignore_eos is not None else True
+    if config.workload == "random":
+        return random_workload(n, config.input_len, config.output_len, config.range_ratio, config.seed, count, config.warmup, ignore_eos)
+    return prefix_repetition_workload(
+        n, config.num_prefixes, config.prefix_len, config.suffix_len, config.output_len, config.seed, count, config.warmup, ignore_eos
+    )
