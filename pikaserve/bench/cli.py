@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
@@ -57,7 +58,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workload")
     g.add_argument("--workload", choices=WORKLOADS, default="pika")
     g.add_argument("--dataset", type=Path, help="JSONL file for --workload file: one request body per line")
-    g.add_argument("--pika-dir", type=Path, help="directory with the Pika files (default: shared/pika next to the checkout)")
+    g.add_argument("--pika-dir", type=Path, help="directory with the Pika files (default: the copy bundled in pikaserve.data)")
     g.add_argument("--pika-schema", choices=PIKA_SCHEMA_FORMS, default="json_schema",
                    help="how the answer schema is sent as response_format: OpenAI json_schema, json_object+schema "
                         "(llama-cpp-python's form), or none; answers are checked against it either way")  # fmt: skip
@@ -94,7 +95,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Register `bench` on pikaserve's CLI."""
-    configure_parser(subparsers.add_parser("bench", help="measure servers under load", description=DESCRIPTION))
+    parser = subparsers.add_parser("bench", help="measure servers under load", description=DESCRIPTION)
+    configure_parser(parser)
+    parser.set_defaults(func=run)  # pikaserve.cli dispatches with args.func(args)
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -165,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
     from pikaserve.bench.runner import run_bench
 
     console = Console()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a log line per request under INFO logging
     try:
         config = config_from_args(args)
         if config.progress:

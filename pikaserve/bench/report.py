@@ -148,9 +148,12 @@ def write_csv(result: BenchResult, path: Path) -> None:
         writer.writerows(rows)
 
 
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
+
+
 def write_requests_csv(result: BenchResult, path: Path) -> None:
     """requests.csv: one row per measured request (for looking into outliers and wrong answers)."""
-    ms = lambda v: None if v is None else v * 1e3  # noqa: E731
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["point", "server", "index", "error", "ttft_ms", "tpot_ms", "e2e_ms", "max_itl_ms", "queue_wait_ms",
@@ -158,8 +161,8 @@ def write_requests_csv(result: BenchResult, path: Path) -> None:
         for p in result.points:
             for s in p.servers:
                 for r in s.records:
-                    writer.writerow([p.point.label, s.target.label, r.index, r.error or "", ms(r.ttft), ms(r.tpot), ms(r.e2e),
-                                     ms(max(r.itls, default=None)), ms(r.queue_wait), r.output_tokens, r.prompt_tokens,
+                    writer.writerow([p.point.label, s.target.label, r.index, r.error or "", _ms(r.ttft), _ms(r.tpot), _ms(r.e2e),
+                                     _ms(max(r.itls, default=None)), _ms(r.queue_wait), r.output_tokens, r.prompt_tokens,
                                      r.finish_reason, r.valid, r.text])  # fmt: skip
 
 

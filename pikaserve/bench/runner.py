@@ -27,7 +27,7 @@ from pikaserve.bench.config import BenchConfig, LoadPoint
 from pikaserve.bench.records import RequestRecord
 from pikaserve.bench.schedule import ArrivalSchedule
 from pikaserve.bench.stats import Metrics, compute_metrics
-from pikaserve.bench.workloads import SYNTHETIC, BenchRequest, Workload, workload_from_config
+from pikaserve.bench.workloads import SYNTHETIC, BenchRequest, Workload, check_endpoint, workload_from_config
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +186,8 @@ class Runner:
                 active[server] += time.perf_counter() - started
                 records[server].extend(part)
             issued = len(records[0])  # every server got the same requests; server 0 stands for all
+            if k_servers == 1:
+                break  # its one slice has run to the count or the deadline
         return PointRun(
             point,
             [
@@ -229,6 +231,7 @@ def run_bench(config: BenchConfig, progress: ProgressHook | None = None) -> Benc
     tokenizer = ServerTokenizer(targets[0].url, targets[0].model, config.api_key) if config.workload in SYNTHETIC else None
     try:
         workload = workload_from_config(config, tokenizer.count if tokenizer is not None and tokenizer.available else None)
+        check_endpoint(workload, config.endpoint)
     finally:
         if tokenizer is not None:
             tokenizer.close()

@@ -24,6 +24,11 @@ _TYPES: dict[str, Callable[[Any], bool]] = {
 }
 
 
+def _same(a: Any, b: Any) -> bool:
+    """JSON equality: 1 == 1.0, but true is not 1."""
+    return a == b and isinstance(a, bool) == isinstance(b, bool)
+
+
 def _matches(value: Any, schema: Any) -> bool:
     """Built-in subset checker (see module docstring)."""
     if schema is True or schema == {}:
@@ -35,9 +40,9 @@ def _matches(value: Any, schema: Any) -> bool:
         kinds = kind if isinstance(kind, list) else [kind]
         if not any(_TYPES.get(k, lambda v: True)(value) for k in kinds):
             return False
-    if "enum" in schema and not any(value == e and type(value) is type(e) for e in schema["enum"]):
+    if "enum" in schema and not any(_same(value, e) for e in schema["enum"]):
         return False
-    if "const" in schema and not (value == schema["const"] and type(value) is type(schema["const"])):
+    if "const" in schema and not _same(value, schema["const"]):
         return False
     if isinstance(value, dict):
         props = schema.get("properties", {})

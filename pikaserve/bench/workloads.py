@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from pikaserve.bench.validity import make_checker
+from pikaserve.data import PIKA, pika_user_message
 
 if TYPE_CHECKING:
     from pikaserve.bench.config import BenchConfig
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
 TokenCounter = Callable[[str], int]
 Checker = Callable[[Any], bool]
 
-USER_TEMPLATE = "Previous Question: {previous_question}\nPrevious Answer: {previous_answer}\nResponse to check: {response_to_check}"
 PIKA_MAX_TOKENS = 50  # as in the seed request
 # Fields the load generator owns; a JSONL line's own values for them are ignored.
 _OWNED_FIELDS = frozenset({"model", "stream", "stream_options", "messages", "prompt"})
@@ -91,16 +91,7 @@ class Workload:
         return self.requests[index % len(self.requests)]
 
 
-def find_pika_dir() -> Path | None:
-    """The shared Pika files next to the checkout (../shared/pika) or inside it (shared/pika)."""
-    root = Path(__file__).resolve().parents[2]
-    for candidate in (root.parent / "shared" / "pika", root / "shared" / "pika", Path.cwd().parent / "shared" / "pika"):
-        if (candidate / "turns.jsonl").is_file():
-            return candidate
-    return None
-
-
-def pika_workload(pika_dir: Path, schema_form: str = "json_schema", max_tokens: int = PIKA_MAX_TOKENS, warmup: int = 0) -> Workload:
+def pika_workload(pika_dir: Path = PIKA, schema_form: str = "json_schema", max_tokens: int = PIKA_MAX_TOKENS, warmup: int = 0) -> Workload:
     """The Pika classifier: one request per turn, answers always checked against the schema.
 
     `schema_form` says how the schema is sent: "json_schema" (OpenAI, vLLM), "json_object" with a
@@ -119,7 +110,7 @@ def pika_workload(pika_dir: Path, schema_form: str = "json_schema", max_tokens: 
     }.get(schema_form)
     requests = tuple(
         BenchRequest(
-            messages=({"role": "system", "content": system}, {"role": "user", "content": USER_TEMPLATE.format(**turn)}),
+            messages=({"role": "system", "content": system}, {"role": "user", "content": pika_user_message(turn)}),
             max_tokens=max_tokens,
             temperature=0.0,
             response_format=response_format,
@@ -268,10 +259,7 @@ SYNTHETIC = ("random", "prefix-repetition")  # workloads whose lengths are fitte
 def workload_from_config(config: BenchConfig, count: TokenCounter | None) -> Workload:
     """Build the configured workload; `count` is the server's token counter, if it has one."""
     if config.workload == "pika":
-        pika_dir = config.pika_dir or find_pika_dir()
-        if pika_dir is None:
-            raise ValueError("cannot find the Pika files (shared/pika); pass --pika-dir")
-        return pika_workload(pika_dir, config.pika_schema, PIKA_MAX_TOKENS, config.warmup)
+        return pika_workload(config.pika_dir or PIKA, config.pika_schema, PIKA_MAX_TOKENS, config.warmup)
     if config.workload == "file":
         return file_workload(Path(config.dataset or ""), config.warmup)
     if config.num_prompts is not None:
@@ -284,3 +272,9 @@ def workload_from_config(config: BenchConfig, count: TokenCounter | None) -> Wor
     return prefix_repetition_workload(
         n, config.num_prefixes, config.prefix_len, config.suffix_len, config.output_len, config.seed, count, config.warmup, ignore_eos
     )
+
+
+def check_endpoint(workload: Workload, endpoint: str) -> None:
+    """Fail before sending anything if a chat request would go to the completions endpoint."""
+    if endpoint == "completions" and any(r.prompt is None for r in workload.requests + workload.warmup):
+        raise ValueError(f"workload {workload.name!r} has chat messages: use --endpoint chat")

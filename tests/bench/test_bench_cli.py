@@ -13,7 +13,6 @@ from typing import Callable
 import pytest
 
 from pikaserve.bench import cli
-from pikaserve.bench.workloads import find_pika_dir
 
 from .fake_openai import FakeOpenAIServer, Plan
 
@@ -51,7 +50,6 @@ def test_compare_sweep_writes_json_csv_and_plots(fake_server: Callable[..., Fake
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
 
 
-@pytest.mark.skipif(find_pika_dir() is None, reason="shared/pika not found next to the checkout")
 def test_pika_rate_run_reports_validity(fake_server: Callable[..., FakeOpenAIServer], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     server = fake_server(lambda body: Plan(chunks=[(0.0, '{"emotion":"calm",'), (0.0, '"learn_score":false}')]))
     argv = ["--url", server.url, "--rate", "50", "--max-concurrency", "2", "-n", "5", "--warmup", "1",
@@ -71,7 +69,7 @@ def test_all_requests_failing_is_a_failed_run(closed_port_url: str, tmp_path: Pa
 
 @pytest.mark.parametrize(
     "extra",
-    [["--concurrency", "2", "--rate", "5"], ["--slo", "latency=5ms"], ["--concurrency", "0"], ["--workload", "file"], ["--labels", "a,b"]],
+    [["--concurrency", "2", "--rate", "5"], ["--endpoint", "completions", "--model", "m"], ["--slo", "latency=5ms"], ["--concurrency", "0"], ["--workload", "file"], ["--labels", "a,b"]],
 )
 def test_bad_flags_exit_2(extra: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["--url", "http://127.0.0.1:9", "--no-progress", *extra]) == 2
@@ -90,3 +88,11 @@ def test_registers_as_a_subcommand() -> None:
 def test_python_dash_m_entry_point() -> None:
     done = subprocess.run([sys.executable, "-m", "pikaserve.bench", "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "--compare" in done.stdout and "pikaserve bench" in done.stdout
+
+
+def test_pikaserve_bench_subcommand_runs(fake_server: Callable[..., FakeOpenAIServer], tmp_path: Path) -> None:
+    from pikaserve import cli as pikaserve_cli
+
+    server = fake_server(lambda body: Plan(chunks=[(0.0, '{"emotion":"calm","learn_score":true}')]))
+    argv = ["bench", "--url", server.url, "-n", "2", "--no-plots", "--no-progress", "--output-dir", str(tmp_path)]
+    assert pikaserve_cli.main(argv) == 0 and (tmp_path / "results.json").is_file()

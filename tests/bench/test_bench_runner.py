@@ -15,7 +15,6 @@ from pikaserve.bench.config import BenchConfig, LoadPoint
 from pikaserve.bench.runner import BenchResult, run_bench
 from pikaserve.bench.schedule import Arrival, arrival_offsets
 from pikaserve.bench.stats import parse_slos
-from pikaserve.bench.workloads import find_pika_dir
 
 from .conftest import JITTER
 from .fake_openai import FakeOpenAIServer, Plan, user_text
@@ -88,6 +87,14 @@ def test_duration_bounds_an_unbounded_run(fake_server: Factory) -> None:
     assert elapsed < 0.3 + 0.05 + 1.0  # stops issuing at the deadline (1 s for set-up)
 
 
+def test_duration_bounds_an_open_loop_run(fake_server: Factory) -> None:
+    server = fake_server(slow(0.0))
+    result = bench(server, points=(LoadPoint(concurrency=None, rate=20.0),), arrival=Arrival.CONSTANT, num_requests=None, duration_s=0.3)
+    indices = [r.index for r in result.points[0].servers[0].records]
+    assert indices == list(range(6))  # due at 0, 50, ..., 250 ms; the one due at 300 ms is past the deadline
+    assert len(server.completions()) == 6
+
+
 def test_warmup_is_sent_but_not_recorded(fake_server: Factory) -> None:
     server = fake_server(slow(0.0))
     result = bench(server, num_requests=3, warmup=2)
@@ -117,7 +124,6 @@ def test_errors_are_counted_by_kind(fake_server: Factory, closed_port_url: str, 
     assert refused.points[0].servers[0].metrics.errors == {"connect": 3}
 
 
-@pytest.mark.skipif(find_pika_dir() is None, reason="shared/pika not found next to the checkout")
 def test_pika_json_validity_and_goodput(fake_server: Factory) -> None:
     answers = count()
 

@@ -9,19 +9,16 @@ from pathlib import Path
 import pytest
 
 from pikaserve.bench import validity
+from pikaserve.data import PIKA
 from pikaserve.bench.workloads import (
-    USER_TEMPLATE,
     BenchRequest,
     file_workload,
-    find_pika_dir,
     fit_text,
     pika_workload,
     prefix_repetition_workload,
     random_workload,
 )
 
-PIKA_DIR = find_pika_dir()
-needs_pika = pytest.mark.skipif(PIKA_DIR is None, reason="shared/pika not found next to the checkout")
 
 
 def fake_count(text: str) -> int:
@@ -29,33 +26,29 @@ def fake_count(text: str) -> int:
     return sum(1 if len(w) <= 4 else 2 for w in text.split())
 
 
-@needs_pika
 def test_pika_requests_match_the_seed_request() -> None:
-    assert PIKA_DIR is not None
-    seed = json.loads((PIKA_DIR / "seed_request.json").read_text(encoding="utf-8"))
-    first_turn = json.loads((PIKA_DIR / "turns.jsonl").read_text(encoding="utf-8").splitlines()[0])
-    w = pika_workload(PIKA_DIR, schema_form="none", warmup=3)
+    seed = json.loads((PIKA / "seed_request.json").read_text(encoding="utf-8"))
+    first_turn = json.loads((PIKA / "turns.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    w = pika_workload(PIKA, schema_form="none", warmup=3)
     assert len(w.requests) == 40 and len(w.warmup) == 3
     body = w.request(40).body("chat", "m")  # indices wrap around
     assert body["messages"][0] == seed["messages"][0]  # the system prompt, verbatim
-    assert body["messages"][1]["content"] == USER_TEMPLATE.format(**first_turn)
-    assert body["messages"][1]["content"].startswith("Previous Question: Tớ buồn quá.\nPrevious Answer: i think a yummy\nResponse to check: ")
+    expected = "Previous Question: Tớ buồn quá.\nPrevious Answer: i think a yummy\nResponse to check: " + first_turn["response_to_check"]
+    assert body["messages"][1]["content"] == expected
     assert (body["temperature"], body["max_tokens"], body["stream"]) == (0.0, 50, True)
     assert body["stream_options"] == {"include_usage": True} and "response_format" not in body
-    with_schema = pika_workload(PIKA_DIR).request(0).body("chat", "m")
+    with_schema = pika_workload(PIKA).request(0).body("chat", "m")
     assert with_schema["response_format"]["type"] == "json_schema"
     assert with_schema["response_format"]["json_schema"]["schema"]["required"] == ["emotion", "learn_score"]
-    llama_form = pika_workload(PIKA_DIR, schema_form="json_object").request(0).body("chat", "m")["response_format"]
+    llama_form = pika_workload(PIKA, schema_form="json_object").request(0).body("chat", "m")["response_format"]
     assert llama_form["type"] == "json_object" and llama_form["schema"]["required"] == ["emotion", "learn_score"]
 
 
-@needs_pika
 @pytest.mark.parametrize("use_jsonschema", [True, False])
 def test_pika_answers_are_checked_against_the_schema(use_jsonschema: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert PIKA_DIR is not None
     if not use_jsonschema:  # the built-in checker must agree with jsonschema on these answers
         monkeypatch.setitem(__import__("sys").modules, "jsonschema", None)
-    check = pika_workload(PIKA_DIR).requests[0].checker
+    check = pika_workload(PIKA).requests[0].checker
     assert check is not None
     good = ['{"emotion":"thats_right","learn_score":true}', ' {"learn_score": false, "emotion": "happy_2"}\n']
     bad = [
@@ -76,6 +69,7 @@ def test_builtin_checker_keywords() -> None:
     assert validity._matches([0, 9, "x"], schema)
     assert not validity._matches([0, 9, "x", 1], schema)
     assert not validity._matches([10], schema) and not validity._matches([True], schema) and not validity._matches(["y"], schema)
+    assert validity._matches(1.0, {"enum": [1]}) and not validity._matches(True, {"enum": [1]}) and not validity._matches(1, {"const": True})
     assert validity._matches("abc", {"type": "string", "minLength": 3, "maxLength": 3}) and not validity._matches("ab", {"minLength": 3})
 
 
