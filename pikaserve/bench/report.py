@@ -216,16 +216,19 @@ def point_table(point: PointRun) -> Table:
 
 def sweep_table(result: BenchResult) -> Table:
     """One line per (load point, server): the headline numbers of a sweep."""
-    table = Table(title="Sweep", title_justify="left")
-    heads = ["Load", "Server", "Req/s", "Out tok/s", "TTFT p50", "TTFT p99", "ITL p50", "TPOT p50", "E2E p50", "E2E p99", "Goodput", "Valid", "Errors"]
-    for head in heads:
-        table.add_column(head, justify="left" if head in ("Load", "Server", "Errors") else "right")
+    open_loop = any(p.point.rate is not None for p in result.points)
+    table = Table(title="Sweep (latencies in ms)", title_justify="left")
+    table.add_column("Rate/s" if open_loop else "Conc.", no_wrap=True)
+    table.add_column("Server", no_wrap=True)
+    for head in ("Req/s", "Tok/s", "TTFT p50", "TTFT p99", "ITL p50", "TPOT p50", "E2E p50", "E2E p99", "Goodput", "Valid"):
+        table.add_column(head, justify="right")
+    table.add_column("Errors")
     for p in result.points:
         for s in p.servers:
             f = flat_metrics(s.metrics)
             keys = ["request_throughput", "output_throughput", "ttft_median_ms", "ttft_p99_ms", "itl_median_ms", "tpot_median_ms",
                     "e2e_median_ms", "e2e_p99_ms", "goodput", "json_validity"]  # fmt: skip
-            table.add_row(p.point.label, s.target.label, *(_fmt(f[k], k) for k in keys), errors_text(s.metrics.errors) or "-")
+            table.add_row(f"{p.point.load:g}", s.target.label, *(_fmt(f[k], k) for k in keys), errors_text(s.metrics.errors) or "-")
     return table
 
 
