@@ -28,8 +28,9 @@ TokenCounter = Callable[[str], int]
 Checker = Callable[[Any], bool]
 
 PIKA_MAX_TOKENS = 50  # as in the seed request
-# Fields the load generator owns; a JSONL line's own values for them are ignored.
-_OWNED_FIELDS = frozenset({"model", "stream", "stream_options", "messages", "prompt"})
+# JSONL fields that do not pass through as `extra`: the tool sets the first three (a line's own
+# values are ignored), the others have their own BenchRequest fields.
+_NOT_EXTRA = frozenset({"model", "stream", "stream_options", "messages", "prompt", "max_tokens", "temperature", "response_format"})
 # Short common words: nearly always one token each (with their leading space) in BPE vocabularies,
 # which makes approximate lengths close and exact fitting quick.
 _WORDS = tuple(
@@ -232,19 +233,18 @@ def file_workload(path: Path, warmup: int = 0) -> Workload:
             row = json.loads(line)
         except ValueError as exc:
             raise ValueError(f"{path}:{number}: not JSON: {exc}") from None
-        row = row if isinstance(row, dict) else {}
-        messages = row.get("messages") if isinstance(row.get("messages"), list) and row.get("messages") else None
-        prompt = row.get("prompt") if isinstance(row.get("prompt"), str) else None
-        if messages is None and prompt is None:
+        messages, prompt = (row.get("messages"), row.get("prompt")) if isinstance(row, dict) else (None, None)
+        has_messages, has_prompt = isinstance(messages, list) and bool(messages), isinstance(prompt, str)
+        if not has_messages and not has_prompt:
             raise ValueError(f"{path}:{number}: each line needs 'messages' (a non-empty list) or 'prompt' (a string)")
         requests.append(
             BenchRequest(
-                messages=tuple(messages) if messages is not None else None,
-                prompt=prompt,
+                messages=tuple(messages) if has_messages else None,
+                prompt=prompt if has_prompt else None,
                 max_tokens=row.get("max_tokens"),
                 temperature=row.get("temperature"),
                 response_format=row.get("response_format"),
-                extra={k: v for k, v in row.items() if k not in _OWNED_FIELDS and k not in ("max_tokens", "temperature", "response_format")},
+                extra={k: v for k, v in row.items() if k not in _NOT_EXTRA},
                 checker=_checker_for(row.get("response_format")),
             )
         )
