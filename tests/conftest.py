@@ -32,3 +32,21 @@ def default_model_path() -> Path:
     from pikaserve.model.loader import default_model_path as path
 
     return path()
+
+
+@pytest.fixture(scope="session")
+def hf_default_model(default_model_path):
+    """transformers' own load of the default GGUF (dequantized to fp32; ~20 s, so cached)."""
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        default_model_path.parent, gguf_file=default_model_path.name, dtype=torch.float32
+    ).eval()
+
+
+@pytest.fixture(scope="session")
+def default_llm_fp32():
+    from pikaserve.llm import LLM
+
+    return LLM(None, dtype="float32")

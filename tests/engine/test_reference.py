@@ -10,6 +10,7 @@ import torch
 from conftest import TINY_KINDS
 from pikaserve.engine.sampling_params import SamplingParams
 from pikaserve.llm import LLM
+from reference import hf_greedy
 
 PROMPTS = [
     "Hello world! How are",
@@ -20,18 +21,6 @@ PROMPTS = [
 NEW_TOKENS = 32
 LOGPROB_ATOL = 1e-3  # fp32 on both sides; differences come from op order only
 TOP = 5
-
-
-def hf_greedy(model, prompt_ids: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
-    """Token-by-token greedy decoding with full-sequence forwards: the plainest reference."""
-    ids = list(prompt_ids)
-    logprobs = []
-    with torch.no_grad():
-        for _ in range(n):
-            logits = model(torch.tensor([ids])).logits[0, -1].float()
-            logprobs.append(torch.log_softmax(logits, -1))
-            ids.append(int(logits.argmax()))
-    return ids[len(prompt_ids) :], logprobs
 
 
 def assert_matches_reference(llm: LLM, hf_model, prompts, max_tokens: int = NEW_TOKENS) -> None:
