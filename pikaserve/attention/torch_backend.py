@@ -2,7 +2,7 @@
 
 KV cache layout per layer: [num_blocks, block_size, num_kv_heads, head_dim]. New keys/values
 are scattered to their slots first; attention then gathers each sequence's blocks. Single-token
-rows are batched into one masked SDPA call; multi-token chunks run one SDPA call each.
+rows are batched into one masked attention; multi-token chunks run one SDPA call each.
 """
 
 from __future__ import annotations
@@ -45,12 +45,17 @@ class TorchPagedAttention:
         return out
 
     def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
-        mask = meta.decode_mask
-        max_len = mask.shape[-1]
+        # Plain matmuls beat SDPA's CPU kernels ~5x for one query row; GQA by reshaping the
+        # query heads into groups instead of repeating keys.
+        mask = meta.decode_mask  # [B, 1, 1, L]
+        b, max_len = q.shape[0], mask.shape[-1]
         keys = k_cache[meta.decode_block_tables].flatten(1, 2)[:, :max_len]  # [B, L, Hkv, D]
         values = v_cache[meta.decode_block_tables].flatten(1, 2)[:, :max_len]
-        o = self._sdpa(q.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2), mask, False)
-        return o.squeeze(2)
+        q = q.view(b, self.num_kv_heads, -1, self.head_dim)  # [B, Hkv, group, D]
+        scores = (q @ keys.permute(0, 2, 3, 1)).float() * self.scale  # [B, Hkv, group, L]
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        return (probs @ values.transpose(1, 2)).view(b, self.num_heads, self.head_dim)
 
     def _chunk(self, q, k, v, k_cache, v_cache, chunk: ChunkSequence) -> torch.Tensor:
         q = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, Lq, D]
