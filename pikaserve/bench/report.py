@@ -10,9 +10,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
-import platform
-import subprocess
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -22,6 +19,7 @@ from rich.table import Table
 
 from pikaserve.bench.runner import BenchResult, PointRun, ServerRun
 from pikaserve.bench.stats import Metrics, Summary, ratio
+from pikaserve.machine import describe_machine
 
 LATENCY_NAMES = {"ttft": "TTFT", "itl": "ITL", "tpot": "TPOT", "e2e": "E2E", "queue_wait": "Queue wait"}
 # Scalar columns of results.csv, in order, with their table captions.
@@ -83,30 +81,12 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def machine_info() -> dict[str, Any]:
-    """Where the numbers come from: the machine running the load generator and the code version."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "commit": commit,
-    }
-
-
 def result_json(result: BenchResult) -> dict[str, Any]:
     config = _jsonable(result.config)
     config["slos"] = [str(s) for s in result.config.slos]
     return {
         "started_at": result.started_at,
-        "machine": machine_info(),
+        "machine": describe_machine(),
         "config": config,
         "workload": {"name": result.workload.name, "distinct_requests": len(result.workload.requests), "tokens_exact": result.workload.tokens_exact},
         "servers": [_jsonable(t) for t in result.targets],
