@@ -13,12 +13,16 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, QK_K
+from gguf import GGML_QUANT_SIZES, QK_K, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 from pikaserve.model.checkpoint import ModelLoadError
 
 Q = GGMLQuantizationType
+# Dequantize this many values per kernel call. At or below torch's intra-op grain size
+# (32768) every op runs inline on one thread: on a busy 2-core box, bigger chunks that fan
+# out to OpenMP threads ran 5-20x slower, and whole-tensor ops thrash the cache.
+_CHUNK_ELEMENTS = 1 << 15
 _FLOAT_TYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
 
 
@@ -34,8 +38,9 @@ def as_byte_tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(flat)
 
 
-def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...],
-               dtype: torch.dtype) -> torch.Tensor:
+def dequantize(
+    raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
     """Unpack one tensor's raw GGUF data into a new `dtype` tensor of `shape` (torch order)."""
     if qtype in _FLOAT_TYPES:
         values = as_byte_tensor(raw).view(_FLOAT_TYPES[qtype]).reshape(shape)
@@ -45,30 +50,39 @@ def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, .
         return _numpy_dequantize(raw, qtype, shape).to(dtype)
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     blocks = as_byte_tensor(raw).reshape(-1, type_size)
-    values = kernel(blocks).reshape(shape)
-    return values if dtype == torch.float32 else values.to(dtype)
+    out = torch.empty(blocks.shape[0], block_size, dtype=dtype)
+    step = max(1, _CHUNK_ELEMENTS // block_size)
+    for start in range(0, blocks.shape[0], step):
+        out[start : start + step] = kernel(blocks[start : start + step])
+    return out.reshape(shape)
 
 
-def _numpy_dequantize(raw: np.ndarray, qtype: GGMLQuantizationType,
-                      shape: tuple[int, ...]) -> torch.Tensor:
+def _numpy_dequantize(
+    raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]
+) -> torch.Tensor:
     try:
         values = gguf_quants.dequantize(raw, qtype)
     except NotImplementedError as exc:
-        raise ModelLoadError(f"GGUF tensor type {qtype.name} cannot be dequantized "
-                             f"(supported: {supported_type_names()})") from exc
+        raise ModelLoadError(
+            f"GGUF tensor type {qtype.name} cannot be dequantized "
+            f"(supported: {supported_type_names()})"
+        ) from exc
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
 
 
 def supported_type_names() -> str:
-    names = set(_FLOAT_TYPES) | set(_TORCH_KERNELS) | set(gguf_quants._type_traits)
+    """The ggml types `dequantize` handles, for error messages."""
+    numpy_types = getattr(gguf_quants, "_type_traits", {})  # gguf-py's registry of block types
+    names = set(_FLOAT_TYPES) | set(_TORCH_KERNELS) | set(numpy_types)
     return ", ".join(sorted(t.name for t in names))
 
 
 # --- torch kernels: (n_blocks, type_size) uint8 -> (n_blocks, block_size) float32 -------------
 
+
 def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
     """The float16 scale at byte `start` of every block, as a (n, 1) float32 column."""
-    return blocks[:, start:start + 2].contiguous().view(torch.float16).float()
+    return blocks[:, start : start + 2].contiguous().view(torch.float16).float()
 
 
 def _nibbles(qs: torch.Tensor, group: int) -> torch.Tensor:
@@ -145,7 +159,7 @@ def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
 
 def _q5_k(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
-    qh, qs = blocks[:, 16:16 + QK_K // 8], blocks[:, 16 + QK_K // 8:]
+    qh, qs = blocks[:, 16 : 16 + QK_K // 8], blocks[:, 16 + QK_K // 8 :]
     low = _nibbles(qs, 32).reshape(n, -1, 32)
     high = _bit_planes(qh.reshape(n, 32), 1, dim=1)
     return _k_dequant(blocks, low | (high << 4))
@@ -153,8 +167,8 @@ def _q5_k(blocks: torch.Tensor) -> torch.Tensor:
 
 def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
-    ql, qh = blocks[:, :QK_K // 2], blocks[:, QK_K // 2:QK_K // 2 + QK_K // 4]
-    scales = blocks[:, QK_K // 2 + QK_K // 4:QK_K // 2 + QK_K // 4 + QK_K // 16]
+    ql, qh = blocks[:, : QK_K // 2], blocks[:, QK_K // 2 : QK_K // 2 + QK_K // 4]
+    scales = blocks[:, QK_K // 2 + QK_K // 4 : QK_K // 2 + QK_K // 4 + QK_K // 16]
     d = _f16(blocks, QK_K // 2 + QK_K // 4 + QK_K // 16)
     scale = (d * scales.contiguous().view(torch.int8).float()).reshape(n, QK_K // 16, 1)
     low = _nibbles(ql, 64).reshape(n, -1, 32)
@@ -164,7 +178,15 @@ def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
 
 
 _TORCH_KERNELS: dict[GGMLQuantizationType, Callable[[torch.Tensor], torch.Tensor]] = {
-    Q.Q4_0: _q4_0, Q.Q4_1: _q4_1, Q.Q5_0: _q5_0, Q.Q5_1: _q5_1, Q.Q8_0: _q8_0,
-    Q.Q4_K: _q4_k, Q.Q5_K: _q5_k, Q.Q6_K: _q6_k,
+    Q.Q4_0: _q4_0,
+    Q.Q4_1: _q4_1,
+    Q.Q5_0: _q5_0,
+    Q.Q5_1: _q5_1,
+    Q.Q8_0: _q8_0,
+    Q.Q4_K: _q4_k,
+    Q.Q5_K: _q5_k,
+    Q.Q6_K: _q6_k,
 }
-TORCH_VECTORISED_TYPES: frozenset[GGMLQuantizationType] = frozenset(_TORCH_KERNELS) | frozenset(_FLOAT_TYPES)
+TORCH_VECTORISED_TYPES: frozenset[GGMLQuantizationType] = frozenset(_TORCH_KERNELS) | frozenset(
+    _FLOAT_TYPES
+)
