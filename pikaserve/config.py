@@ -41,6 +41,9 @@ class EngineConfig:
     seed: int = 0
     structured_output_fast_forward: bool = True  # append grammar-forced tokens without sampling
     kv_cache_dtype: str = "auto"
+    quantization: str | None = None  # None: as stored; "gguf": the quantized .gguf file as is
+    tensor_parallel_size: int = 1  # only 1 so far
+    enforce_eager: bool = False  # accepted; there are no CUDA graphs to turn off yet
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
@@ -66,6 +69,16 @@ class EngineConfig:
                 f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported yet; "
                 "the KV cache uses the model dtype ('auto')"
             )
+        if self.quantization not in (None, "gguf"):
+            raise ConfigError(
+                f"quantization {self.quantization!r} is not supported yet; only 'gguf' "
+                "(serving a quantized .gguf file) is"
+            )
+        if self.tensor_parallel_size != 1:
+            raise ConfigError(
+                f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet; "
+                "pikaserve runs on one device (tensor_parallel_size=1)"
+            )
 
     def replace(self, **changes) -> "EngineConfig":
         return dataclasses.replace(self, **changes)
@@ -73,3 +86,34 @@ class EngineConfig:
 
 def default_num_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass
+class ServerConfig:
+    """How `pikaserve serve` listens and answers; the engine's settings are in EngineConfig."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: list[str] | None = None  # None: the --model string (or the default id)
+    api_key: str | None = None  # when set, /v1/* and /tokenize need `Authorization: Bearer KEY`
+    disable_log_requests: bool = False
+    # A JSON file: an OpenAI response_format object or a bare JSON Schema, attached to chat
+    # requests that bring no response_format / structured_outputs of their own.
+    default_response_format: str | None = None
+    max_request_body_bytes: int = 4 * 1024 * 1024  # larger bodies get HTTP 413
+    trust_remote_code: bool = False  # accepted for vLLM compatibility; no model code ever runs
+    uvicorn_log_level: str = "info"
+    graceful_shutdown_timeout: float = 30.0  # seconds in-flight requests get after SIGTERM
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in [0, 65535]; got {self.port}")
+        if self.max_request_body_bytes < 1024:
+            raise ConfigError("max_request_body_bytes must be at least 1024")
+        if self.graceful_shutdown_timeout < 0:
+            raise ConfigError("graceful_shutdown_timeout must be >= 0")
+        if self.served_model_name is not None and not all(self.served_model_name):
+            raise ConfigError("served_model_name entries must be non-empty")
+        levels = ("critical", "error", "warning", "info", "debug", "trace")
+        if self.uvicorn_log_level not in levels:
+            raise ConfigError(f"uvicorn_log_level must be one of {', '.join(levels)}")

@@ -1,0 +1,194 @@
+"""The HTTP app: OpenAI-compatible routes, SSE, error envelopes, API-key auth, lifecycle.
+
+A plain Starlette app (FastAPI's base) with bodies parsed by our own strict pydantic models, so
+every error takes OpenAI's envelope and no per-request dependency injection runs. The engine is
+loaded in the background at start-up: until it is ready, and again while shutting down, routes
+answer 503. Every generation watches for the client going away and aborts its engine requests
+when it does, streamed or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from pikaserve import __version__
+from pikaserve.config import EngineConfig, ServerConfig
+from pikaserve.engine.async_engine import AsyncEngine
+from pikaserve.errors import InvalidRequestError
+from pikaserve.model.loader import DEFAULT_MODEL_ID
+from pikaserve.server import openai_format as fmt
+from pikaserve.server import routes
+from pikaserve.server.asgi import ClientGone, HTTPError, error_response
+from pikaserve.server.metrics import CONTENT_TYPE, ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/ping"})  # no API key needed
+
+
+@dataclass
+class ServerState:
+    config: ServerConfig
+    served_names: list[str]
+    metrics: ServerMetrics
+    default_response_format: dict[str, Any] | None = None
+    engine: AsyncEngine | None = None
+    phase: str = "starting"  # starting | ready | stopping | failed
+    texts: fmt.TokenTexts | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def model_name(self) -> str:
+        return self.served_names[0]
+
+    def ready(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.texts = fmt.TokenTexts(engine.tokenizer)
+        self.phase = "ready"
+
+
+def api(handler: Callable[[Request, ServerState], Awaitable[Response]]):
+    """Wraps a route: state lookup, and every failure as an OpenAI error envelope."""
+
+    async def endpoint(request: Request) -> Response:
+        state: ServerState = request.app.state.pika
+        try:
+            return await handler(request, state)
+        except HTTPError as exc:
+            return error_response(exc.status, exc.message, exc.param, exc.code)
+        except InvalidRequestError as exc:
+            return error_response(400, str(exc), exc.param)
+        except (ClientGone, ClientDisconnect):
+            return Response(status_code=499)  # nobody reads it; uvicorn drops it
+    return endpoint
+
+
+# --- gate: auth and lifecycle, before routing --------------------------------------------
+class Gate:
+    """Pure ASGI middleware (no per-request task, unlike BaseHTTPMiddleware)."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+        key = state.config.api_key
+        self.expected = f"Bearer {key}".encode() if key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path = scope["path"]
+            problem = None
+            if self.expected is not None and path not in OPEN_PATHS:
+                got = dict(scope["headers"]).get(b"authorization", b"")
+                if not hmac.compare_digest(got, self.expected):
+                    problem = error_response(401, "invalid or missing API key "
+                                             "(send 'Authorization: Bearer <key>')")
+            if problem is None and self.state.phase != "ready" and path != "/metrics":
+                problem = error_response(503, f"the server is {self.state.phase}")
+            if problem is not None:
+                await problem(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+# --- the app ------------------------------------------------------------------------------
+def served_names(config: ServerConfig, model: str | None) -> list[str]:
+    return list(config.served_model_name or [model or DEFAULT_MODEL_ID])
+
+
+def create_app(
+    config: ServerConfig,
+    engine: AsyncEngine | None = None,
+    engine_config: EngineConfig | None = None,
+    default_response_format: dict[str, Any] | None = None,
+    on_load_failure: Callable[[BaseException], None] | None = None,
+) -> ASGIApp:
+    """The ASGI app. Given `engine`, it serves it (and leaves shutting it down to the caller);
+    otherwise it loads one from `engine_config` in the background and owns it."""
+    model = engine.engine.config.model if engine is not None else (
+        engine_config.model if engine_config else None)
+    names = served_names(config, model)
+    holder: dict[str, AsyncEngine | None] = {"engine": engine}
+    metrics = ServerMetrics(
+        names[0], lambda: holder["engine"].engine if holder["engine"] is not None else None)
+    state = ServerState(config, names, metrics, default_response_format)
+    if engine is not None:
+        state.ready(engine)
+
+    async def load() -> None:
+        try:
+            loaded = await asyncio.to_thread(AsyncEngine, engine_config or EngineConfig())
+        except Exception as exc:  # model missing or broken: the server cannot serve
+            state.phase = "failed"
+            logger.error("could not load the model: %s", exc)
+            if on_load_failure is not None:
+                on_load_failure(exc)
+            return
+        holder["engine"] = loaded
+        if state.phase == "stopping":  # shut down while loading
+            loaded.shutdown()
+            return
+        state.ready(loaded)
+        logger.info("ready: serving %s as %s", loaded.engine.model_path, ", ".join(names))
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        loader = asyncio.create_task(load()) if engine is None else None
+        yield
+        state.phase = "stopping"
+        if loader is not None:
+            if not loader.done():
+                loader.cancel()  # the load thread runs on; load() shuts it down when done
+            elif holder["engine"] is not None:
+                await asyncio.to_thread(holder["engine"].shutdown)
+
+    async def not_found(request: Request, exc: HTTPException) -> Response:
+        return error_response(exc.status_code, f"{exc.detail}: {request.method} "
+                              f"{request.url.path}")
+
+    async def internal(request: Request, exc: Exception) -> Response:
+        logger.exception("unhandled error on %s", request.url.path)
+        return error_response(500, f"internal error: {exc}")
+
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", api(routes.chat_completions), methods=["POST"]),
+            Route("/v1/completions", api(routes.completions), methods=["POST"]),
+            Route("/v1/models", api(routes.models), methods=["GET"]),
+            Route("/tokenize", api(routes.tokenize), methods=["POST"]),
+            Route("/detokenize", api(routes.detokenize), methods=["POST"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/ping", health, methods=["GET", "POST"]),
+            Route("/version", version, methods=["GET"]),
+            Route("/metrics", api(metrics_route), methods=["GET"]),
+        ],
+        exception_handlers={404: not_found, 405: not_found, Exception: internal},
+        lifespan=lifespan,
+    )
+    app.state.pika = state
+    return Gate(app, state)
+
+
+async def health(request: Request) -> Response:
+    return Response(status_code=200)  # the gate already answered 503 unless ready
+
+
+async def version(request: Request) -> Response:
+    return JSONResponse({"version": __version__})
+
+
+async def metrics_route(request: Request, state: ServerState) -> Response:
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE)

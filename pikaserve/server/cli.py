@@ -1,0 +1,267 @@
+"""`pikaserve serve`: vLLM-compatible flags (and a --config YAML with the same keys) onto
+EngineConfig and ServerConfig, checked before the port is bound, then uvicorn.
+
+Precedence: built-in defaults < --config FILE.yaml < command-line flags. A flag whose feature
+pikaserve does not have yet fails here, with a message that says so, instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import uvicorn
+
+from pikaserve.config import ConfigError, EngineConfig, ServerConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str  # flag without dashes; also the YAML key (dashes or underscores)
+    target: str  # "engine" | "server"
+    kind: str = "value"  # value | bool (store_true) | toggle (--x/--no-x) | list
+    type: Callable[[str], Any] = str
+    help: str = ""
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def field(self) -> str:
+        return self.name.replace("-", "_")
+
+
+FLAGS = (
+    Flag("model", "engine", help="local HF folder, .gguf file, or a hub id found in the local "
+         "HF cache (default: the embedded SmolLM2-135M-Instruct; nothing is downloaded)"),
+    Flag("dtype", "engine", help="auto | bfloat16 | float16 | float32 (default auto); a CPU "
+         "asked for float16 runs bf16/fp32 and says so"),
+    Flag("device", "engine", help="auto | cpu | cuda[:N] (default auto)"),
+    Flag("max-model-len", "engine", type=int, help="context length (default: the model's, "
+         "capped at 8192)"),
+    Flag("max-num-seqs", "engine", type=int, help="most sequences running at once (128)"),
+    Flag("max-num-batched-tokens", "engine", type=int, help="token budget per step (2048)"),
+    Flag("block-size", "engine", type=int, help="tokens per KV block (16)"),
+    Flag("gpu-memory-utilization", "engine", type=float,
+         help="CUDA: fraction of device memory for weights + KV (0.9); ignored on CPU"),
+    Flag("kv-cache-memory-bytes", "engine", type=int, help="explicit KV cache budget in bytes"),
+    Flag("enable-prefix-caching", "engine", "toggle", help="reuse KV of shared prompt "
+         "prefixes (on by default)"),
+    Flag("enable-chunked-prefill", "engine", "toggle", help="split long prefills across "
+         "steps (on by default)"),
+    Flag("enforce-eager", "engine", "bool", help="accepted; there are no CUDA graphs yet"),
+    Flag("kv-cache-dtype", "engine", help="auto only (the model dtype)"),
+    Flag("quantization", "engine", help="gguf (a quantized .gguf model) only", aliases=("-q",)),
+    Flag("tensor-parallel-size", "engine", type=int, help="1 only", aliases=("-tp",)),
+    Flag("seed", "engine", type=int, help="engine random seed (0)"),
+    Flag("num-threads", "engine", type=int, help="CPU threads (default: all cores)"),
+    Flag("host", "server", help="address to bind (127.0.0.1)"),
+    Flag("port", "server", type=int, help="port to bind (8000)"),
+    Flag("served-model-name", "server", "list", help="model name(s) clients use; the first "
+         "is reported (default: the --model string)"),
+    Flag("api-key", "server", help="require 'Authorization: Bearer KEY' on the API "
+         "(/health and /metrics stay open)"),
+    Flag("disable-log-requests", "server", "bool", help="no per-request log lines"),
+    Flag("default-response-format", "server", help="JSON file: an OpenAI response_format or a "
+         "bare JSON Schema, applied to chat requests that bring none"),
+    Flag("max-request-body-bytes", "server", type=int, help="larger bodies get 413 (4 MiB)"),
+    Flag("trust-remote-code", "server", "bool", help="accepted; pikaserve never runs model code"),
+    Flag("uvicorn-log-level", "server", help="critical|error|warning|info|debug|trace (info)"),
+    Flag("graceful-shutdown-timeout", "server", type=float,
+         help="seconds in-flight requests get to finish after SIGTERM/SIGINT (30)"),
+)
+BY_KEY = {f.name: f for f in FLAGS}
+
+# vLLM options whose features pikaserve does not have: refused by name, never ignored.
+UNSUPPORTED = (
+    "pipeline-parallel-size", "data-parallel-size", "speculative-config", "enable-lora",
+    "lora-modules", "max-lora-rank", "cpu-offload-gb", "swap-space", "tokenizer",
+    "tokenizer-mode", "chat-template", "enable-auto-tool-choice", "tool-call-parser",
+    "reasoning-parser", "load-format", "download-dir", "revision", "max-logprobs",
+    "rope-scaling", "hf-overrides", "distributed-executor-backend", "ssl-keyfile",
+    "ssl-certfile", "allowed-origins", "guided-decoding-backend", "structured-outputs-config",
+    "pipeline-parallel", "compilation-config", "kv-transfer-config", "limit-mm-per-prompt",
+)
+
+
+def _unsupported_message(name: str) -> str:
+    return (f"--{name} is a vLLM option that pikaserve does not implement yet; "
+            "remove it (see docs/server.md for the supported flags)")
+
+
+class _Refuse(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise argparse.ArgumentError(self, _unsupported_message(option_string.lstrip("-")))
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "serve", help="serve the OpenAI-compatible API (vLLM flag names)",
+        description="Serve a model over the OpenAI-compatible HTTP API. Flags follow vLLM's "
+        "names; --config FILE.yaml takes the same keys, and flags override it.",
+    )
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="the model, as vLLM's `serve MODEL` (same as --model)")
+    p.add_argument("--config", default=None, help="YAML file with flag names as keys")
+    for f in FLAGS:
+        names = [f"--{f.name}", *f.aliases]
+        if f.kind == "bool":
+            p.add_argument(*names, action="store_true", default=None, help=f.help)
+        elif f.kind == "toggle":
+            p.add_argument(*names, action=argparse.BooleanOptionalAction, default=None,
+                           help=f.help)
+        elif f.kind == "list":
+            p.add_argument(*names, nargs="+", default=None, help=f.help)
+        else:
+            p.add_argument(*names, type=f.type, default=None, help=f.help)
+    for name in UNSUPPORTED:
+        p.add_argument(f"--{name}", nargs="?", action=_Refuse, help=argparse.SUPPRESS)
+    p.set_defaults(func=run)
+    return p
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """The --config file as {flag name: value}, every key and value checked."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"--config {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("_", "-")
+        if name in UNSUPPORTED:
+            raise ConfigError(f"--config {path}: {_unsupported_message(name)}")
+        flag = BY_KEY.get(name)
+        if flag is None:
+            raise ConfigError(f"--config {path}: unknown key {key!r}")
+        out[name] = _yaml_value(flag, value, path)
+    return out
+
+
+def _yaml_value(flag: Flag, value: Any, path: str) -> Any:
+    where = f"--config {path}: {flag.name}"
+    if value is None:
+        return None
+    if flag.kind in ("bool", "toggle"):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false")
+        return value
+    if flag.kind == "list":
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            raise ConfigError(f"{where} must be a string or a list of strings")
+        return items
+    if isinstance(value, (bool, list, dict)):  # int(True) would "work"; refuse it
+        raise ConfigError(f"{where}: {value!r} is not a valid {flag.type.__name__}")
+    try:
+        return flag.type(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {value!r} is not a valid {flag.type.__name__}") from None
+
+
+def build_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
+    """Defaults < YAML < flags, then validated. Raises ConfigError."""
+    values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    for f in FLAGS:
+        v = getattr(args, f.field, None)
+        if v is not None:
+            values[f.name] = v
+    tag = getattr(args, "model_tag", None)
+    if tag is not None:
+        if values.get("model") not in (None, tag):
+            raise ConfigError(f"two models given: {tag!r} and --model {values['model']!r}")
+        values["model"] = tag
+    engine = {BY_KEY[k].field: v for k, v in values.items() if BY_KEY[k].target == "engine"}
+    server = {BY_KEY[k].field: v for k, v in values.items() if BY_KEY[k].target == "server"}
+    engine_config = EngineConfig(**engine)
+    server_config = ServerConfig(**server)
+    engine_config.validate()
+    server_config.validate()
+    return engine_config, server_config
+
+
+def check_model(engine_config: EngineConfig) -> Path:
+    """Resolves the model now (cheap, no loading) so a wrong path fails before binding."""
+    from pikaserve.model.checkpoint import ModelLoadError
+    from pikaserve.model.loader import resolve_model_path
+
+    try:
+        path = resolve_model_path(engine_config.model)
+    except ModelLoadError as exc:
+        raise ConfigError(str(exc)) from exc
+    if engine_config.quantization == "gguf" and path.suffix != ".gguf":
+        raise ConfigError(f"--quantization gguf needs a .gguf model; {path} is not one")
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        engine_config, server_config = build_configs(args)
+        path = check_model(engine_config)
+        from pikaserve.server.sampling import load_default_response_format
+
+        default_rf = load_default_response_format(server_config.default_response_format)
+    except ConfigError as exc:
+        print(f"pikaserve serve: error: {exc}", file=sys.stderr)
+        return 2
+    if server_config.trust_remote_code:
+        logger.info("--trust-remote-code accepted; pikaserve runs no model code anyway")
+    if engine_config.enforce_eager:
+        logger.info("--enforce-eager accepted; pikaserve has no CUDA graphs yet")
+    logger.info("model %s -> %s", engine_config.model or "(embedded default)", path)
+    return serve(engine_config, server_config, default_rf)
+
+
+def serve(engine_config: EngineConfig, server_config: ServerConfig,
+          default_response_format: dict[str, Any] | None = None) -> int:
+    """Runs the server until SIGINT/SIGTERM; returns the process exit status."""
+    from pikaserve.server.app import create_app
+
+    failed: list[BaseException] = []
+    server: uvicorn.Server | None = None
+
+    def on_load_failure(exc: BaseException) -> None:
+        failed.append(exc)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(server_config, engine_config=engine_config,
+                     default_response_format=default_response_format,
+                     on_load_failure=on_load_failure)
+    config = uvicorn.Config(
+        app, host=server_config.host, port=server_config.port,
+        log_level=server_config.uvicorn_log_level,
+        access_log=not server_config.disable_log_requests,
+        timeout_graceful_shutdown=server_config.graceful_shutdown_timeout,
+        lifespan="on",
+    )
+    server = _Server(config, app.state)
+    server.run()
+    if failed:
+        return 1
+    return 0 if server.started else 1
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, plus: new requests get 503 once shutdown starts, and a signal that triggered
+    a clean shutdown is not re-raised afterwards (so the exit status stays 0)."""
+
+    def __init__(self, config: uvicorn.Config, state: Any) -> None:
+        super().__init__(config)
+        self.pika_state = state
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.pika_state.phase in ("starting", "ready"):
+            self.pika_state.phase = "stopping"
+        super().handle_exit(sig, frame)
+        captured = getattr(self, "_captured_signals", None)  # uvicorn >= 0.29 re-raises these
+        if isinstance(captured, list):
+            captured.clear()

@@ -1,0 +1,104 @@
+"""Prometheus metrics of one server app, on its own CollectorRegistry.
+
+Latency histograms and token counters are recorded by the request handlers as outputs arrive.
+Engine state (running/waiting requests, KV usage, prefix-cache and forward-pass counters) is read
+at scrape time by a collector, so the engine loop does no metrics work at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from pikaserve.engine.llm_engine import LLMEngine
+
+# Latency buckets down to 1 ms: a Pika answer on a GPU takes a few ms end to end.
+LATENCY_BUCKETS = (
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+    0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0,
+)
+TOKEN_LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
+    0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _EngineCollector(Collector):
+    """Reads the engine's own gauges and counters when /metrics is scraped."""
+
+    def __init__(self, get_engine: Callable[[], LLMEngine | None], model_name: str) -> None:
+        self.get_engine = get_engine
+        self.labels = {"model_name": model_name}
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self.get_engine()
+        if engine is None:  # still loading: export nothing rather than made-up zeros
+            return
+        names = list(self.labels)
+        values = list(self.labels.values())
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(name, doc, labels=names)
+            g.add_metric(values, value)
+            return g
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            c = CounterMetricFamily(name, doc, labels=names)
+            c.add_metric(values, value)
+            return c
+
+        # len() of a list/deque owned by the loop thread is atomic under the GIL; a scrape
+        # may be one step stale, which is fine for a gauge.
+        sched, pool = engine.scheduler, engine.pool
+        yield gauge("pikaserve:num_requests_running", "Requests in the running batch.",
+                    len(sched.running))
+        yield gauge("pikaserve:num_requests_waiting", "Requests waiting to be scheduled.",
+                    len(sched.waiting))
+        yield gauge("pikaserve:kv_cache_usage_perc",
+                    "Fraction of KV blocks held by requests (1 = full).", pool.usage)
+        yield counter("pikaserve:prefix_cache_queries",
+                      "Prompt tokens looked up in the prefix cache.", pool.queries)
+        yield counter("pikaserve:prefix_cache_hits",
+                      "Prompt tokens found in the prefix cache.", pool.hits)
+        yield counter("pikaserve:model_forward", "Model forward passes.",
+                      engine.num_forward_passes)
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str, get_engine: Callable[[], LLMEngine | None]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        labels = ["model_name"]
+        r = self.registry
+
+        def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, labels, registry=r, buckets=buckets).labels(model_name)
+
+        self.ttft = hist("pikaserve:time_to_first_token_seconds",
+                         "Seconds from request receipt to the first output token.",
+                         LATENCY_BUCKETS)
+        self.itl = hist("pikaserve:inter_token_latency_seconds",
+                        "Seconds between consecutive outputs of a request.",
+                        TOKEN_LATENCY_BUCKETS)
+        self.e2e = hist("pikaserve:e2e_request_latency_seconds",
+                        "Seconds from request receipt to its last output.", LATENCY_BUCKETS)
+        self.queue = hist("pikaserve:request_queue_time_seconds",
+                          "Seconds a request waited in the engine before its first step.",
+                          LATENCY_BUCKETS)
+        self.prompt_tokens = Counter("pikaserve:prompt_tokens", "Prompt tokens processed.",
+                                     labels, registry=r).labels(model_name)
+        self.generation_tokens = Counter("pikaserve:generation_tokens", "Tokens generated.",
+                                         labels, registry=r).labels(model_name)
+        self._success = Counter("pikaserve:request_success", "Requests that finished.",
+                                labels + ["finished_reason"], registry=r)
+        self.model_name = model_name
+        r.register(_EngineCollector(get_engine, model_name))
+
+    def success(self, finish_reason: str) -> None:
+        self._success.labels(self.model_name, finish_reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,179 @@
+"""Route handlers: parse -> tokenize -> SamplingParams -> engine -> OpenAI JSON or SSE.
+
+Each handler runs on the event loop; the only waits are on its own requests' outputs, never on
+an engine step as a whole (the engine runs on its own thread, see engine/async_engine.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from pikaserve.engine.sampling_params import SamplingParams
+from pikaserve.errors import InvalidRequestError
+from pikaserve.server import openai_format as fmt
+from pikaserve.server.asgi import (
+    ClientGone,
+    HTTPError,
+    SSEResponse,
+    read_json,
+    request_id,
+    until_disconnect,
+)
+from pikaserve.server.generation import Generation, chat_sse, completion_sse, error_status
+from pikaserve.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from pikaserve.server.sampling import chat_messages, sampling_params
+
+if TYPE_CHECKING:
+    from pikaserve.server.app import ServerState
+
+logger = logging.getLogger("pikaserve.requests")
+MAX_ENGINE_REQUESTS = 1024  # prompts x n in one API request
+
+
+def _check_model(state: "ServerState", model: str | None) -> None:
+    if model is not None and model not in state.served_names:
+        raise HTTPError(404, f"the model {model!r} does not exist; this server serves "
+                        f"{', '.join(state.served_names)}", "model", "model_not_found")
+
+
+async def _run(request: Request, gen: Generation, stream: bool, sse_body,
+               build) -> Response:
+    """Shared tail of both completion routes: start, then stream or collect."""
+    handed_off = False
+    try:
+        await until_disconnect(request, gen.start())
+        if stream:
+            handed_off = True  # from here the SSE response owns the generation
+            return SSEResponse(sse_body, gen.close)
+        await until_disconnect(request, gen.collect())
+        return JSONResponse(build())
+    except (InvalidRequestError, ClientGone):
+        raise
+    except Exception as exc:
+        raise HTTPError(*error_status(exc)) from exc
+    finally:
+        if not handed_off:
+            await gen.close()
+
+
+def _log(state: "ServerState", rid: str, n_prompt: int, params: list[SamplingParams],
+         stream: bool, user: str | None) -> None:
+    if not state.config.disable_log_requests:
+        p = params[0]
+        logger.info("%s: prompt_tokens=%d n=%d max_tokens=%s temperature=%s stream=%s%s%s",
+                    rid, n_prompt, len(params), p.max_tokens, p.temperature, stream,
+                    " structured" if p.structured_outputs else "",
+                    f" user={user}" if user else "")
+
+
+async def chat_completions(request: Request, state: "ServerState") -> Response:
+    arrival = time.perf_counter()
+    req: ChatCompletionRequest = await read_json(
+        request, ChatCompletionRequest, state.config.max_request_body_bytes)
+    _check_model(state, req.model)
+    engine = state.engine
+    params = sampling_params(req, state.default_response_format)
+    token_ids = engine.tokenizer.encode_chat(chat_messages(req.messages))
+    engine.engine.check_request(token_ids, params[0])  # 400 before any engine work
+    rid = request_id("chatcmpl")
+    _log(state, rid, len(token_ids), params, req.stream, req.user)
+    gen = Generation(engine, rid, [(token_ids, p) for p in params], state.metrics, arrival)
+    created = int(time.time())
+    top_n = (req.top_logprobs or 0) if req.logprobs else None
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    chunks = fmt.ChatChunks(rid, created, state.model_name, include_usage)
+    return await _run(
+        request, gen, req.stream, chat_sse(gen, chunks, state.texts, top_n),
+        lambda: fmt.chat_response(rid, created, state.model_name, gen.choices, state.texts,
+                                  top_n),
+    )
+
+
+async def completions(request: Request, state: "ServerState") -> Response:
+    arrival = time.perf_counter()
+    req: CompletionRequest = await read_json(
+        request, CompletionRequest, state.config.max_request_body_bytes)
+    _check_model(state, req.model)
+    engine = state.engine
+    params = sampling_params(req)
+    prompts = _prompts(req.prompt, engine.tokenizer)
+    if len(prompts) * req.n > MAX_ENGINE_REQUESTS:
+        raise InvalidRequestError(
+            f"prompts x n must be at most {MAX_ENGINE_REQUESTS}", "prompt")
+    for ids in prompts:
+        engine.engine.check_request(ids, params[0])
+    rid = request_id("cmpl")
+    _log(state, rid, sum(map(len, prompts)), params, req.stream, req.user)
+    # choice index = prompt index * n + choice, as OpenAI and vLLM number them
+    work = [(ids, p) for ids in prompts for p in params]
+    gen = Generation(engine, rid, work, state.metrics, arrival)
+    created = int(time.time())
+    want_lp = req.logprobs is not None
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    chunks = fmt.CompletionChunks(rid, created, state.model_name, include_usage)
+    return await _run(
+        request, gen, req.stream,
+        completion_sse(gen, chunks, state.texts, want_lp, req.n),
+        lambda: fmt.completion_response(rid, created, state.model_name, gen.choices,
+                                        state.texts, want_lp, req.n),
+    )
+
+
+def _prompts(prompt: str | list, tokenizer) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [tokenizer.encode(prompt)]
+    if not prompt:
+        raise InvalidRequestError("prompt must not be empty", "prompt")
+    if isinstance(prompt[0], int):
+        return [list(prompt)]
+    if isinstance(prompt[0], str):
+        return [tokenizer.encode(p) for p in prompt]
+    return [list(p) for p in prompt]
+
+
+async def models(request: Request, state: "ServerState") -> Response:
+    engine = state.engine.engine
+    data = [{
+        "id": name, "object": "model", "created": state.created, "owned_by": "pikaserve",
+        "root": str(engine.model_path), "parent": None, "max_model_len": engine.max_model_len,
+    } for name in state.served_names]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def tokenize(request: Request, state: "ServerState") -> Response:
+    req: TokenizeRequest = await read_json(
+        request, TokenizeRequest, state.config.max_request_body_bytes)
+    _check_model(state, req.model)
+    tok = state.engine.tokenizer
+    if (req.prompt is None) == (req.messages is None):
+        raise InvalidRequestError("give exactly one of prompt or messages", "prompt")
+    if req.messages is not None:
+        text = tok.render_chat(chat_messages(req.messages), req.add_generation_prompt)
+        ids = tok.encode(text, add_special_tokens=bool(req.add_special_tokens))
+    else:
+        add = True if req.add_special_tokens is None else req.add_special_tokens
+        ids = tok.encode(req.prompt, add_special_tokens=add)
+    body = {"count": len(ids), "max_model_len": state.engine.engine.max_model_len,
+            "tokens": ids, "token_strs": [state.texts(t) for t in ids]
+            if req.return_token_strs else None}
+    return JSONResponse(body)
+
+
+async def detokenize(request: Request, state: "ServerState") -> Response:
+    req: DetokenizeRequest = await read_json(
+        request, DetokenizeRequest, state.config.max_request_body_bytes)
+    _check_model(state, req.model)
+    vocab = state.engine.engine.model_config.vocab_size
+    if any(not 0 <= t < vocab for t in req.tokens):
+        raise InvalidRequestError(f"token ids must be in [0, {vocab})", "tokens")
+    return JSONResponse({"prompt": state.engine.tokenizer.decode(req.tokens)})

@@ -1,0 +1,172 @@
+"""`pikaserve serve`: vLLM flags and --config YAML onto the configs, clear start-up failures,
+and the seed deployment's launch line starting a real server that shuts down gracefully."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from pikaserve.config import EngineConfig, ServerConfig
+from pikaserve.data import PIKA
+from pikaserve.server import cli
+
+from .conftest import free_port
+
+SEED_FLAGS = ("--model HuggingFaceTB/SmolLM2-135M-Instruct --dtype float16 --host 0.0.0.0 "
+              "--port {port} --gpu-memory-utilization 0.15 --max-model-len 2048 "
+              "--max-num-seqs 128 --enable-prefix-caching --trust-remote-code "
+              "--disable-log-requests")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers())
+    return parser.parse_args(["serve", *argv])
+
+
+def test_every_flag_lands_on_a_config_field():
+    for flag in cli.FLAGS:
+        owner = EngineConfig if flag.target == "engine" else ServerConfig
+        assert flag.field in {f.name for f in dataclasses.fields(owner)}, flag.name
+
+
+def test_seed_launch_line_maps_onto_the_configs():
+    engine, server = cli.build_configs(parse(SEED_FLAGS.format(port=30030).split()))
+    assert engine.model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert (engine.dtype, engine.max_model_len, engine.max_num_seqs) == ("float16", 2048, 128)
+    assert engine.gpu_memory_utilization == 0.15 and engine.enable_prefix_caching
+    assert (server.host, server.port) == ("0.0.0.0", 30030)
+    assert server.disable_log_requests and server.trust_remote_code
+
+
+def test_defaults_and_toggles():
+    engine, server = cli.build_configs(parse([]))
+    assert engine.model is None and engine.enable_prefix_caching and engine.enable_chunked_prefill
+    assert (server.host, server.port) == ("127.0.0.1", 8000)
+    engine, _ = cli.build_configs(parse(["--no-enable-prefix-caching", "-tp", "1"]))
+    assert not engine.enable_prefix_caching
+    engine, _ = cli.build_configs(parse(["some/model"]))
+    assert engine.model == "some/model"
+
+
+def test_yaml_config_with_flag_overrides(tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text("model: my/model\nmax-model-len: 1024\nmax_num_seqs: 8\nport: 9000\n"
+                    "enable-prefix-caching: false\nserved-model-name: pika\n"
+                    "api_key: secret\n")
+    engine, server = cli.build_configs(parse(["--config", str(path), "--port", "9100"]))
+    assert engine.model == "my/model" and engine.max_model_len == 1024
+    assert engine.max_num_seqs == 8 and not engine.enable_prefix_caching
+    assert server.port == 9100  # the flag wins over the file
+    assert server.served_model_name == ["pika"] and server.api_key == "secret"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("colour: blue\n", "unknown key 'colour'"),
+    ("speculative-config: x\n", "does not implement yet"),
+    ("max-model-len: lots\n", "not a valid int"),
+    ("enable-prefix-caching: 1\n", "true or false"),
+    ("- a list\n", "mapping"),
+])
+def test_bad_yaml_fails_clearly(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(cli.ConfigError, match=message):
+        cli.build_configs(parse(["--config", str(path)]))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tensor-parallel-size", "2"], "tensor_parallel_size=2 is not supported yet"),
+    (["--quantization", "awq"], "quantization 'awq' is not supported yet"),
+    (["--kv-cache-dtype", "fp8"], "kv_cache_dtype 'fp8' is not supported yet"),
+    (["--dtype", "int3"], "dtype must be one of"),
+    (["--model", "/nonexistent/model"], "neither a local path nor"),
+    (["--default-response-format", "/nonexistent.json"], "default-response-format"),
+])
+def test_unsupported_settings_fail_at_start_up(argv, message, capsys):
+    assert cli.run(parse(argv)) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_gguf_quantization_needs_a_gguf_model(tiny_model_dir, capsys):
+    folder = str(tiny_model_dir("llama"))
+    assert cli.run(parse(["--model", folder, "--quantization", "gguf"])) == 2
+    assert "needs a .gguf model" in capsys.readouterr().err
+
+
+def test_unimplemented_vllm_flag_fails_in_a_real_process():
+    out = subprocess.run([sys.executable, "-m", "pikaserve", "serve", "--enable-lora"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "--enable-lora is a vLLM option that pikaserve does not implement yet" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "pikaserve", "serve", "--tensor-parallel-size",
+                          "4"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "not supported yet" in out.stderr
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("the server did not become healthy")
+
+
+@pytest.mark.slow
+def test_seed_launch_line_serves_and_shuts_down_gracefully(tmp_path):
+    """The original vLLM launch line, program name changed; then SIGTERM mid-stream."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "server.log", "w+")
+    argv = [sys.executable, "-m", "pikaserve", "serve", *SEED_FLAGS.format(port=port).split()]
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc.stderr = log
+    try:
+        _wait_healthy(url, proc)
+        raw = (PIKA / "seed_request.json").read_bytes()
+        r = httpx.post(f"{url}/v1/chat/completions", content=raw, timeout=300)
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        # A stream in flight when SIGTERM arrives still finishes cleanly.
+        body = json.loads(raw) | {"stream": True, "max_tokens": 40, "ignore_eos": True}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=300) as s:
+            lines = s.iter_lines()
+            first = next(line for line in lines if line)
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        assert first.startswith("data: {")
+        assert rest[-1] == "data: [DONE]"
+        finishes = [json.loads(x[6:])["choices"][0]["finish_reason"] for x in rest[:-1]
+                    if json.loads(x[6:]).get("choices")]
+        assert finishes[-1] == "length"
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log.seek(0)
+    text = log.read()
+    import torch
+
+    if not torch.cuda.is_available():  # --dtype float16 on a CPU: one warning line says so
+        assert text.count("float16 has no fast kernels") == 1, text[-3000:]
+    with socket.socket() as s:  # nothing listens there any more: a new server could bind
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does (TIME_WAIT)
+        s.bind(("0.0.0.0", port))
+        s.listen()
