@@ -12,20 +12,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     from pikaserve import generate_cli
+    from pikaserve.bench import cli as bench_cli
+    from pikaserve.server import cli as serve_cli
 
+    serve_cli.add_parser(sub)
     generate_cli.add_parser(sub)
-    try:
-        from pikaserve.server import cli as serve_cli
-
-        serve_cli.add_parser(sub)
-    except ImportError:  # the server is optional for the offline API
-        serve_cli = None
-    try:
-        from pikaserve.bench import cli as bench_cli
-
-        bench_cli.add_parser(sub)
-    except ImportError:
-        bench_cli = None
+    bench_cli.add_parser(sub)
 
     args = parser.parse_args(argv)
     logging.basicConfig(
