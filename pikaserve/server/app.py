@@ -37,6 +37,11 @@ from pikaserve.server.metrics import CONTENT_TYPE, ServerMetrics
 
 logger = logging.getLogger(__name__)
 
+_NOT_READY = {
+    "starting": "the server is starting: the model is loading",
+    "stopping": "the server is shutting down",
+    "failed": "the model failed to load",
+}
 OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/ping"})  # no API key needed
 
 
@@ -85,19 +90,21 @@ class Gate:
         self.app = app
         self.state = state
         key = state.config.api_key
-        self.expected = f"Bearer {key}".encode() if key else None
+        self.expected = key.encode() if key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             path = scope["path"]
             problem = None
             if self.expected is not None and path not in OPEN_PATHS:
-                got = dict(scope["headers"]).get(b"authorization", b"")
-                if not hmac.compare_digest(got, self.expected):
+                header = dict(scope["headers"]).get(b"authorization", b"")
+                scheme, _, token = header.partition(b" ")
+                if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(),
+                                                                          self.expected):
                     problem = error_response(401, "invalid or missing API key "
                                              "(send 'Authorization: Bearer <key>')")
             if problem is None and self.state.phase != "ready" and path != "/metrics":
-                problem = error_response(503, f"the server is {self.state.phase}")
+                problem = error_response(503, _NOT_READY.get(self.state.phase, "not ready"))
             if problem is not None:
                 await problem(scope, receive, send)
                 return
@@ -131,7 +138,7 @@ def create_app(
     async def load() -> None:
         try:
             loaded = await asyncio.to_thread(AsyncEngine, engine_config or EngineConfig())
-        except Exception as exc:  # model missing or broken: the server cannot serve
+        except Exception as exc:  # noqa: BLE001  # model missing or broken: cannot serve
             state.phase = "failed"
             logger.error("could not load the model: %s", exc)
             if on_load_failure is not None:
@@ -151,7 +158,8 @@ def create_app(
         state.phase = "stopping"
         if loader is not None:
             if not loader.done():
-                loader.cancel()  # the load thread runs on; load() shuts it down when done
+                # A load cannot be interrupted; its thread finishes and the process exits.
+                loader.cancel()
             elif holder["engine"] is not None:
                 await asyncio.to_thread(holder["engine"].shutdown)
 

@@ -100,7 +100,7 @@ class Generation:
                 async for out in gen:
                     queue.put_nowait((i, out))
                 queue.put_nowait((i, _END))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001  # re-raised by the consumer below
                 queue.put_nowait((i, exc))
 
         self._tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
@@ -168,7 +168,7 @@ async def chat_sse(
                 yield chunks.finish(i, out.finish_reason)
         if chunks.include_usage:
             yield chunks.usage(fmt.usage_of(gen.choices, len(gen.choices)))
-    except Exception as exc:  # headers are out: report in-band, as OpenAI and vLLM do
+    except Exception as exc:  # noqa: BLE001  # headers are out: report in-band, as vLLM does
         status, message, param = error_status(exc)
         yield fmt.sse(fmt.error_body(status, message, param))
     yield fmt.DONE
@@ -190,7 +190,7 @@ async def completion_sse(
                 yield chunks.text(i, out.new_text, lp, reason)
         if chunks.include_usage:
             yield chunks.usage(fmt.usage_of(gen.choices, n))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  # as above
         status, message, param = error_status(exc)
         yield fmt.sse(fmt.error_body(status, message, param))
     yield fmt.DONE

@@ -1,5 +1,8 @@
 """Route handlers: parse -> tokenize -> SamplingParams -> engine -> OpenAI JSON or SSE.
 
+Limits the engine checks (prompt length, max_tokens, schema validity) surface when a
+generation starts (Generation.start), before any response byte, so they are plain 400s.
+
 Each handler runs on the event loop; the only waits are on its own requests' outputs, never on
 an engine step as a whole (the engine runs on its own thread, see engine/async_engine.py).
 """
@@ -40,7 +43,7 @@ logger = logging.getLogger("pikaserve.requests")
 MAX_ENGINE_REQUESTS = 1024  # prompts x n in one API request
 
 
-def _check_model(state: "ServerState", model: str | None) -> None:
+def _check_model(state: ServerState, model: str | None) -> None:
     if model is not None and model not in state.served_names:
         raise HTTPError(404, f"the model {model!r} does not exist; this server serves "
                         f"{', '.join(state.served_names)}", "model", "model_not_found")
@@ -66,7 +69,7 @@ async def _run(request: Request, gen: Generation, stream: bool, sse_body,
             await gen.close()
 
 
-def _log(state: "ServerState", rid: str, n_prompt: int, params: list[SamplingParams],
+def _log(state: ServerState, rid: str, n_prompt: int, params: list[SamplingParams],
          stream: bool, user: str | None) -> None:
     if not state.config.disable_log_requests:
         p = params[0]
@@ -76,7 +79,7 @@ def _log(state: "ServerState", rid: str, n_prompt: int, params: list[SamplingPar
                     f" user={user}" if user else "")
 
 
-async def chat_completions(request: Request, state: "ServerState") -> Response:
+async def chat_completions(request: Request, state: ServerState) -> Response:
     arrival = time.perf_counter()
     req: ChatCompletionRequest = await read_json(
         request, ChatCompletionRequest, state.config.max_request_body_bytes)
@@ -84,7 +87,6 @@ async def chat_completions(request: Request, state: "ServerState") -> Response:
     engine = state.engine
     params = sampling_params(req, state.default_response_format)
     token_ids = engine.tokenizer.encode_chat(chat_messages(req.messages))
-    engine.engine.check_request(token_ids, params[0])  # 400 before any engine work
     rid = request_id("chatcmpl")
     _log(state, rid, len(token_ids), params, req.stream, req.user)
     gen = Generation(engine, rid, [(token_ids, p) for p in params], state.metrics, arrival)
@@ -99,7 +101,7 @@ async def chat_completions(request: Request, state: "ServerState") -> Response:
     )
 
 
-async def completions(request: Request, state: "ServerState") -> Response:
+async def completions(request: Request, state: ServerState) -> Response:
     arrival = time.perf_counter()
     req: CompletionRequest = await read_json(
         request, CompletionRequest, state.config.max_request_body_bytes)
@@ -110,8 +112,6 @@ async def completions(request: Request, state: "ServerState") -> Response:
     if len(prompts) * req.n > MAX_ENGINE_REQUESTS:
         raise InvalidRequestError(
             f"prompts x n must be at most {MAX_ENGINE_REQUESTS}", "prompt")
-    for ids in prompts:
-        engine.engine.check_request(ids, params[0])
     rid = request_id("cmpl")
     _log(state, rid, sum(map(len, prompts)), params, req.stream, req.user)
     # choice index = prompt index * n + choice, as OpenAI and vLLM number them
@@ -141,7 +141,7 @@ def _prompts(prompt: str | list, tokenizer) -> list[list[int]]:
     return [list(p) for p in prompt]
 
 
-async def models(request: Request, state: "ServerState") -> Response:
+async def models(request: Request, state: ServerState) -> Response:
     engine = state.engine.engine
     data = [{
         "id": name, "object": "model", "created": state.created, "owned_by": "pikaserve",
@@ -150,7 +150,7 @@ async def models(request: Request, state: "ServerState") -> Response:
     return JSONResponse({"object": "list", "data": data})
 
 
-async def tokenize(request: Request, state: "ServerState") -> Response:
+async def tokenize(request: Request, state: ServerState) -> Response:
     req: TokenizeRequest = await read_json(
         request, TokenizeRequest, state.config.max_request_body_bytes)
     _check_model(state, req.model)
@@ -169,7 +169,7 @@ async def tokenize(request: Request, state: "ServerState") -> Response:
     return JSONResponse(body)
 
 
-async def detokenize(request: Request, state: "ServerState") -> Response:
+async def detokenize(request: Request, state: ServerState) -> Response:
     req: DetokenizeRequest = await read_json(
         request, DetokenizeRequest, state.config.max_request_body_bytes)
     _check_model(state, req.model)

@@ -63,7 +63,8 @@ def test_seed_request_verbatim(server):
 
 def test_sdk_chat(client):
     body = pika_seed_request()
-    out = client.chat.completions.create(model=body["model"], messages=body["messages"], temperature=0, max_tokens=6)
+    out = client.chat.completions.create(model=body["model"], messages=body["messages"],
+                                         temperature=0, max_tokens=6)
     assert out.object == "chat.completion" and out.model == MODEL
     assert out.choices[0].message.role == "assistant"
     assert out.choices[0].finish_reason in ("stop", "length")

@@ -106,18 +106,28 @@ def test_gguf_quantization_needs_a_gguf_model(tiny_model_dir, capsys):
 
 def test_unimplemented_vllm_flag_fails_in_a_real_process():
     out = subprocess.run([sys.executable, "-m", "pikaserve", "serve", "--enable-lora"],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 2
     assert "--enable-lora is a vLLM option that pikaserve does not implement yet" in out.stderr
     out = subprocess.run([sys.executable, "-m", "pikaserve", "serve", "--tensor-parallel-size",
-                          "4"], capture_output=True, text=True, timeout=120)
+                          "4"], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 2 and "not supported yet" in out.stderr
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+def test_model_that_fails_to_load_exits_1(tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a gguf file at all")
+    out = subprocess.run([sys.executable, "-m", "pikaserve", "serve", "--model", str(broken),
+                          "--port", str(free_port())], capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert out.returncode == 1
+    assert "could not load the model" in out.stderr
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log_path, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read()
+        assert proc.poll() is None, log_path.read_text()[-3000:]
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return
@@ -132,13 +142,13 @@ def test_seed_launch_line_serves_and_shuts_down_gracefully(tmp_path):
     """The original vLLM launch line, program name changed; then SIGTERM mid-stream."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "server.log", "w+")
+    log_path = tmp_path / "server.log"
     argv = [sys.executable, "-m", "pikaserve", "serve", *SEED_FLAGS.format(port=port).split()]
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    proc.stderr = log
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
-        _wait_healthy(url, proc)
+        _wait_healthy(url, proc, log_path)
         raw = (PIKA / "seed_request.json").read_bytes()
         r = httpx.post(f"{url}/v1/chat/completions", content=raw, timeout=300)
         assert r.status_code == 200, r.text
@@ -149,6 +159,11 @@ def test_seed_launch_line_serves_and_shuts_down_gracefully(tmp_path):
             lines = s.iter_lines()
             first = next(line for line in lines if line)
             proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            try:  # no new work once shutdown began: refused, or 503 if it got in
+                assert httpx.get(f"{url}/health", timeout=5).status_code == 503
+            except httpx.TransportError:
+                pass
             rest = [line for line in lines if line]
         assert first.startswith("data: {")
         assert rest[-1] == "data: [DONE]"
@@ -160,8 +175,7 @@ def test_seed_launch_line_serves_and_shuts_down_gracefully(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    log.seek(0)
-    text = log.read()
+    text = log_path.read_text()
     import torch
 
     if not torch.cuda.is_available():  # --dtype float16 on a CPU: one warning line says so

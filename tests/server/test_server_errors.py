@@ -142,6 +142,14 @@ def test_invalid_schema_gets_400(http):
     check_envelope(http.post(CHAT, json=stream), 400)
 
 
+def test_extreme_values_that_are_valid_are_served(http):
+    # top_k past int64 once broke the engine step (and every request in it)
+    for extra in ({"top_k": 10**20}, {"temperature": 1e-300}, {"repetition_penalty": 1e300},
+                  {"stop_token_ids": [10**30]}, {"seed": -(2**63)}):
+        r = http.post(CHAT, json={"messages": MSGS, "max_tokens": 2, **extra})
+        assert r.status_code == 200, (extra, r.text)
+
+
 def test_still_serving_after_all_that(http, async_engine):
     r = http.post(CHAT, json={"messages": MSGS, "max_tokens": 3, "temperature": 0})
     assert r.status_code == 200, r.text
