@@ -42,6 +42,9 @@ class JsonSchemaSpec(_Body):
 class ResponseFormat(_Body):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaSpec | None = None
+    # llama.cpp's server form {"type": "json_object", "schema": {...}}, so one client body
+    # constrains both servers alike
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
 
 
 class StructuredOutputs(_Body):

@@ -87,6 +87,8 @@ def _from_response_format(rf: ResponseFormat) -> StructuredOutputsParams | None:
     if rf.type == "text":
         return None
     if rf.type == "json_object":
+        if rf.schema_ is not None:
+            return StructuredOutputsParams(json=rf.schema_)
         return StructuredOutputsParams(json_object=True)
     if rf.json_schema is None or rf.json_schema.schema_ is None:
         raise InvalidRequestError(

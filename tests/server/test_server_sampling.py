@@ -29,6 +29,7 @@ def so_of(req, default=None):
 
 @pytest.mark.parametrize("body,expect", [
     ({"response_format": {"type": "json_object"}}, {"json_object": True}),
+    ({"response_format": {"type": "json_object", "schema": SCHEMA}}, {"json": SCHEMA}),
     ({"response_format": {"type": "json_schema",
                           "json_schema": {"name": "a", "schema": SCHEMA, "strict": True}}},
      {"json": SCHEMA}),
