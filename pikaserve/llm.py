@@ -51,10 +51,12 @@ class LLM:
         params = params or SamplingParams()
         all_params = [params] * len(prompts) if isinstance(params, SamplingParams) else params
         ids = [f"offline-{next(self._ids)}" for _ in prompts]
+        # Compile every grammar first, so a bad schema raises before anything is queued.
+        constraints = [_constraint(p, self.tokenizer) for p in all_params]
         results = {}
-        for rid, prompt, p in zip(ids, prompts, all_params):
+        for rid, prompt, p, constraint in zip(ids, prompts, all_params, constraints):
             token_ids = self.prompt_token_ids(prompt)
-            self.engine.add_request(rid, token_ids, p)
+            self.engine.add_request(rid, token_ids, p, constraint)
             results[rid] = Completion(prompt_token_ids=token_ids)
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():
@@ -71,3 +73,11 @@ class LLM:
                     c.finish_reason = out.finish_reason
                     c.e2e = out.finished_time - out.arrival_time
         return [results[rid] for rid in ids]
+
+
+def _constraint(params: SamplingParams, tokenizer) -> object | None:
+    if params.structured_outputs is None:
+        return None
+    from pikaserve.structured import build_constraint
+
+    return build_constraint(params.structured_outputs, tokenizer)

@@ -50,6 +50,9 @@ class AsyncEngine:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pikaserve-engine", daemon=True)
         self._thread.start()
+        from pikaserve.structured import warm_up
+
+        warm_up(self.tokenizer)  # index the vocabulary for grammars now, on a worker thread
 
     # --- caller side (any thread / event loop) ------------------------------------------
     async def generate(
@@ -65,6 +68,12 @@ class AsyncEngine:
             raise EngineDeadError("the engine is shutting down")
         token_ids = list(token_ids)
         self.engine.check_request(token_ids, params)  # raises InvalidRequestError here
+        if constraint is None and params.structured_outputs is not None:
+            # Compiled on a worker thread: a bad schema raises InvalidRequestError here, and
+            # the engine loop never compiles.
+            from pikaserve.structured import build_constraint_async
+
+            constraint = await build_constraint_async(params.structured_outputs, self.tokenizer)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._inbox.put(_Add(request_id, token_ids, params, constraint, stream))
         finished = False

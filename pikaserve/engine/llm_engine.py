@@ -15,7 +15,7 @@ from pikaserve.engine.detokenizer import IncrementalDetokenizer
 from pikaserve.engine.kv_cache import allocate_kv_cache
 from pikaserve.engine.model_runner import ModelRunner
 from pikaserve.engine.outputs import RequestOutput, TokenLogprob
-from pikaserve.engine.request import Request
+from pikaserve.engine.request import Request, RequestStatus
 from pikaserve.engine.sampler import Sampler
 from pikaserve.engine.sampling_params import SamplingParams
 from pikaserve.engine.scheduler import Scheduler
@@ -69,6 +69,7 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, kv_caches, config.block_size, self.device)
         self.sampler = Sampler(loaded.config.vocab_size)
         self.requests: dict[str, Request] = {}
+        self._ready: list[RequestOutput] = []  # requests a grammar finished without a pass
         self.load_seconds = time.perf_counter() - start
         logger.info(
             "loaded %s (%s, %s) in %.2fs; KV cache %d blocks x %d tokens",
@@ -88,12 +89,27 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.check_request(token_ids, params)
+        if constraint is None and params.structured_outputs is not None:
+            from pikaserve.structured import build_constraint  # offline path: compile here
+
+            constraint = build_constraint(params.structured_outputs, self.tokenizer)
         eos = frozenset() if params.ignore_eos else self.tokenizer.eos_token_ids
         detok = IncrementalDetokenizer(
             self.tokenizer, token_ids, params.stop, params.include_stop_str_in_output
         )
         req = Request(request_id, token_ids, params, detok, eos, constraint)
         self.requests[request_id] = req
+        if constraint is not None and self.config.structured_output_fast_forward:
+            # Tokens the grammar forces before anything is sampled join the first prefill.
+            forced = constraint.forced_tokens()
+            constraint.accept(forced)
+            req.append_tokens(self._check_stops(req, forced))
+            if req.finish_reason is not None:  # the whole answer was forced: no pass at all
+                req.first_token_time = time.perf_counter()
+                req.status = RequestStatus.FINISHED
+                del self.requests[request_id]
+                self._ready.append(self._output(req, req.output_token_ids, [], finished=True))
+                return req
         self.scheduler.add(req)
         return req
 
@@ -127,13 +143,14 @@ class LLMEngine:
         return self._output(req, [], [], finished=True)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or bool(self._ready)
 
     # --- stepping -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        ready, self._ready = self._ready, []
         out = self.scheduler.schedule()
         if not out.scheduled:
-            return []
+            return ready
         now = time.perf_counter()
         for s in out.scheduled:
             if s.request.scheduled_time is None:
@@ -142,21 +159,24 @@ class LLMEngine:
         sampling = [s.request for s in out.scheduled if s.samples]
         self.scheduler.advance(out)
         if not sampling:
-            return []
+            return ready
         result = self.sampler(logits, sampling)
-        return [
+        return ready + [
             self._update(req, token, lp)
             for req, token, lp in zip(sampling, result.token_ids, result.logprobs)
         ]
 
     def _update(self, req: Request, token: int, logprob) -> RequestOutput:
         now = time.perf_counter()
+        forced_first: list[int] = []
         if req.first_token_time is None:
             req.first_token_time = now
+            forced_first = list(req.output_token_ids)  # forced at add_request, not yet reported
         req.last_token_time = now
         tokens = [token] + self._constrain(req, token)
         kept = self._check_stops(req, tokens)
         req.append_tokens(kept)
+        kept = forced_first + kept
         logprobs = [TokenLogprob(token, logprob[0], logprob[1])] if logprob else []
         finished = req.finish_reason is not None
         if finished:

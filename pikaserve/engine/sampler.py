@@ -31,9 +31,11 @@ class Sampler:
         logits = logits[:, : self.vocab_size]
         if any(r.params.has_penalties for r in requests):
             logits = apply_penalties(logits, requests)
-        for i, r in enumerate(requests):
-            if r.constraint is not None:
-                r.constraint.mask_logits(logits[i])
+        if any(r.constraint is not None for r in requests):
+            with torch.inference_mode():  # the model's logits are inference tensors: mask in place
+                for i, r in enumerate(requests):
+                    if r.constraint is not None:
+                        r.constraint.mask_logits(logits[i])
         want_logprobs = any(r.params.logprobs is not None for r in requests)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
 
