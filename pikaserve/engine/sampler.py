@@ -78,7 +78,8 @@ def _top_k_top_p(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -
     vocab = logits.shape[1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     device = logits.device
-    ks = torch.tensor([k if k > 0 else vocab for k in top_ks], device=device)
+    # top_k beyond the vocabulary (any size a client sends) means "off"
+    ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_ks], device=device)
     ranks = torch.arange(vocab, device=device).unsqueeze(0)
     remove = ranks >= ks.unsqueeze(1)
     ps = torch.tensor(top_ps, device=device, dtype=logits.dtype)

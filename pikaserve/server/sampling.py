@@ -26,7 +26,6 @@ from pikaserve.server.protocol import (
 MAX_CHOICES = 128  # n per request; each choice is one engine request
 MAX_SEED = 2**64 - 1  # torch.Generator takes seeds in [-2**63, 2**64)
 MIN_SEED = -(2**63)
-TOP_K_OFF = 2**31  # larger than any vocabulary
 
 
 def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -173,8 +172,7 @@ def sampling_params(
         max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
-        # Any k past the vocabulary means "off"; past int64 it would break the engine step.
-        top_k=0 if req.top_k is None or req.top_k > TOP_K_OFF else req.top_k,
+        top_k=0 if req.top_k is None else req.top_k,  # the engine treats k >= vocab as off
         min_p=0.0 if req.min_p is None else req.min_p,
         stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
         stop_token_ids=list(req.stop_token_ids or []),

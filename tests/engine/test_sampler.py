@@ -88,3 +88,7 @@ def test_logprobs_are_raw_log_softmax_with_top_alternatives():
     assert abs(chosen - float(ref.max())) < 1e-6
     assert [t for t, _ in top] == ref.topk(3).indices.tolist()
     assert out.logprobs[1] is None
+
+
+def test_huge_top_k_means_off():
+    assert set(draw(LOGITS, top_k=2**80).tolist()) == {0, 1, 2, 3, 4}
