@@ -36,7 +36,7 @@ class LoggedRequest:
     path: str
     body: dict[str, Any]
     received: float  # perf_counter when the body was read
-    finished: float = 0.0  # perf_counter when the response was complete
+    finished: float = 0.0  # perf_counter when the last bytes started out (clients react after)
 
 
 Planner = Callable[[dict[str, Any]], Plan]
@@ -120,10 +120,10 @@ class FakeOpenAIServer:
             plan = self.planner(body)
             if plan.status != 200:
                 return await self._send_json(writer, plan.status, {"error": {"message": "planned failure", "code": plan.status}})
-            return await self._stream(writer, plan, chat=path == "/v1/chat/completions")
+            return await self._stream(writer, plan, entry, chat=path == "/v1/chat/completions")
         finally:
             self.in_flight -= 1
-            entry.finished = time.perf_counter()
+            entry.finished = entry.finished or time.perf_counter()
 
     async def _send_json(self, writer: asyncio.StreamWriter, status: int, payload: dict[str, Any]) -> bool:
         data = json.dumps(payload).encode()
@@ -131,7 +131,7 @@ class FakeOpenAIServer:
         await writer.drain()
         return True
 
-    async def _stream(self, writer: asyncio.StreamWriter, plan: Plan, chat: bool) -> bool:
+    async def _stream(self, writer: asyncio.StreamWriter, plan: Plan, entry: LoggedRequest, chat: bool) -> bool:
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
         await writer.drain()
 
@@ -164,6 +164,9 @@ class FakeOpenAIServer:
                 usage = {"prompt_tokens": plan.prompt_tokens, "completion_tokens": plan.usage_tokens,
                          "total_tokens": plan.prompt_tokens + plan.usage_tokens}  # fmt: skip
                 await event({"choices": [], "usage": usage})
+        # A client may stop reading at [DONE] and send its next request before this handler
+        # resumes, so the response counts as finished when its last bytes start out.
+        entry.finished = time.perf_counter()
         if plan.send_done:
             await event("[DONE]")
         writer.write(b"0\r\n\r\n")
