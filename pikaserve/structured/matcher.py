@@ -131,7 +131,7 @@ class GrammarMatcher:
     def mask_logits(self, logits: torch.Tensor) -> None:
         plan = self._ensure_plan()
         if plan:
-            _keep_only(logits, plan[0])
+            _keep_ids(logits, [plan[0]])
         elif self.error is not None or self._mask is None:
             _keep_ids(logits, self._info.eos_token_ids)  # finished or failed: end the answer
         else:
@@ -272,18 +272,6 @@ class GrammarMatcher:
             if info.is_canonical(ctx, t, forced):
                 return True
         return False
-
-
-def _keep_only(row: torch.Tensor, token: int) -> None:
-    if _numpy_ok(row):
-        a = row.numpy()
-        keep = a[token]
-        a.fill(NEG_INF)
-        a[token] = keep
-        return
-    keep = row[token : token + 1].clone()
-    row.fill_(NEG_INF)
-    row[token : token + 1] = keep
 
 
 def _keep_ids(row: torch.Tensor, ids: list[int]) -> None:

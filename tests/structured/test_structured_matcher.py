@@ -137,7 +137,7 @@ def test_accepting_a_token_other_than_the_forced_one_drops_the_plan(tiny_tokeniz
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # numpy and torch paths
 def test_masks_fit_model_rows_of_another_size(dtype):
-    from pikaserve.structured.matcher import _keep_only, _Mask
+    from pikaserve.structured.matcher import _keep_ids, _Mask
 
     row = torch.zeros(10, dtype=dtype)
     _Mask(ids=[1, 5, 399]).apply(row)  # the model's vocabulary is smaller than the tokenizer's
@@ -149,5 +149,5 @@ def test_masks_fit_model_rows_of_another_size(dtype):
     assert torch.isfinite(row).nonzero().flatten().tolist() == [3]
     assert row[3] == 3
     row = torch.arange(12, dtype=dtype)
-    _keep_only(row, 7)
+    _keep_ids(row, [7])
     assert torch.isfinite(row).nonzero().flatten().tolist() == [7] and row[7] == 7
