@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from pikaserve.config import ConfigError, EngineConfig
@@ -44,9 +45,18 @@ def allocate_kv_cache(
     if num_blocks < 1:
         raise ConfigError("no memory is left for the KV cache; lower the model size or raise the budget")
     shape = (num_blocks, config.block_size, model.num_kv_heads, model.head_dim)
-    # zeros, not empty: padded attention reads must see finite values (0 * NaN is NaN)
-    caches = [
-        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-        for _ in range(model.num_layers)
-    ]
+    caches = [(_zeros(shape, dtype, device), _zeros(shape, dtype, device)) for _ in range(model.num_layers)]
     return caches, int(num_blocks)
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros, not empty: padded attention reads must see finite values (0 * NaN is NaN).
+
+    On CPU, numpy's calloc gets pages the kernel zeroes on first touch, so a multi-GB cache
+    costs nothing at start-up (torch.zeros would memset it all: seconds).
+    """
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    same_size_int = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}[itemsize]
+    return torch.from_numpy(np.zeros(shape, dtype=same_size_int)).view(dtype)

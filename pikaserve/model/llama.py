@@ -17,10 +17,35 @@ from pikaserve.model.model_config import ModelConfig
 from pikaserve.model.rope import RotaryEmbedding
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+def _weight(*shape: int, factory: dict) -> nn.Parameter:
+    # Uninitialised on purpose: every weight is overwritten from the checkpoint, and random
+    # init (or building on the meta device) costs seconds of start-up.
+    return nn.Parameter(torch.empty(*shape, **factory), requires_grad=False)
+
+
+class Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, factory: dict) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.weight = _weight(out_features, in_features, factory=factory)
+        self.bias = _weight(out_features, factory=factory) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Module):
+    def __init__(self, num: int, dim: int, factory: dict) -> None:
+        super().__init__()
+        self.weight = _weight(num, dim, factory=factory)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, factory: dict) -> None:
+        super().__init__()
+        self.weight = _weight(dim, factory=factory)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -31,21 +56,21 @@ class RMSNorm(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, factory: dict) -> None:
         super().__init__()
         self.cfg = cfg
         q_size = cfg.num_heads * cfg.head_dim
         kv_size = cfg.num_kv_heads * cfg.head_dim
         self.q_size, self.kv_size = q_size, kv_size
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.qkv_proj = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=False)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, factory)
+        self.qkv_proj = Linear(cfg.hidden_size, q_size + 2 * kv_size, cfg.qkv_bias, factory)
+        self.o_proj = Linear(q_size, cfg.hidden_size, False, factory)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, factory)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, factory)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, factory)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, factory)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, factory)
         self.attn = TorchPagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
 
     def forward(
@@ -72,14 +97,17 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, cfg: ModelConfig, max_positions: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.rope = RotaryEmbedding(cfg, max_positions, dtype)
+        factory = {"dtype": dtype, "device": device}
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, factory)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, factory) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, factory)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, factory)
+        self.rope = RotaryEmbedding(cfg, max_positions, dtype).to(device)
         self.requires_grad_(False)
 
     @torch.inference_mode()

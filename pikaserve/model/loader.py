@@ -19,7 +19,6 @@ from pikaserve.model.checkpoint import Checkpoint, ModelLoadError
 from pikaserve.model.hf_loader import load_hf_folder, load_hf_tokenizer
 from pikaserve.model.llama import LlamaForCausalLM
 from pikaserve.model.model_config import ModelConfig
-from pikaserve.model.rope import RotaryEmbedding
 from pikaserve.model.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -104,11 +103,7 @@ def load_model(
     checkpoint, tokenizer = load_checkpoint(path, dtype)
     config = ModelConfig.from_hf(checkpoint.config)
     positions = max_positions or config.max_position_embeddings
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config, positions, dtype)
-    # Allocate without random init; every weight is overwritten from the checkpoint.
-    model = model.to_empty(device=device).to(dtype)
-    model.rope = RotaryEmbedding(config, positions, dtype).to(device)  # buffers were on meta
+    model = LlamaForCausalLM(config, positions, dtype, device)
     model.load_hf_tensors(checkpoint.tensors)
     model.eval()
     return LoadedModel(model, config, tokenizer, path)
