@@ -1,7 +1,8 @@
 """pikaserve vs llama.cpp's server on this machine, side by side in one `pikaserve bench` run.
 
 Starts both servers on free loopback ports with the same GGUF file (the embedded SmolLM2-135M
-Q4_1), threads = cores for both, then runs:
+Q4_1), threads = cores for both (llama.cpp with --interrupt_requests False, so a new request
+waits instead of aborting the running one), then runs:
   1. the Pika workload (JSON-schema answers over the 40 turns) at concurrency 1, 4 and 16;
   2. a plain completion of 128 tokens at batch 1 (decode speed).
 Results (JSON, CSV, PNG) go to benchmarks/results/pika_vs_llamacpp/{pika,decode}/.
@@ -76,7 +77,9 @@ def main() -> int:
         (args.out / "pikaserve_ready_s.txt").write_text(f"{ready:.2f}\n")
         theirs = start([args.llamacpp_python, "-m", "llama_cpp.server", "--model", model,
                         "--n_threads", threads, "--n_threads_batch", threads,
-                        "--n_ctx", "2048", "--port", str(theirs_port)],
+                        "--n_ctx", "2048", "--port", str(theirs_port),
+                        # queue concurrent requests instead of cutting the running one short
+                        "--interrupt_requests", "False"],
                        args.out / "llamacpp.log")
         stack.callback(theirs.terminate)
         print(f"llama.cpp ready in {wait_ready(theirs_url, theirs):.1f} s")
