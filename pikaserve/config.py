@@ -38,7 +38,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     num_threads: int | None = None  # CPU intra-op threads; None: all cores
-    seed: int = 0
+    seed: int = 0  # seeds sampling for requests that bring no seed of their own
     structured_output_fast_forward: bool = True  # append grammar-forced tokens without sampling
     kv_cache_dtype: str = "auto"
     quantization: str | None = None  # None: as stored; "gguf": the quantized .gguf file as is

@@ -67,7 +67,7 @@ class LLMEngine:
             config.enable_chunked_prefill,
         )
         self.runner = ModelRunner(loaded.model, kv_caches, config.block_size, self.device)
-        self.sampler = Sampler(loaded.config.vocab_size)
+        self.sampler = Sampler(loaded.config.vocab_size, config.seed, self.device)
         self.requests: dict[str, Request] = {}
         self._ready: list[RequestOutput] = []  # requests a grammar finished without a pass
         self.load_seconds = time.perf_counter() - start

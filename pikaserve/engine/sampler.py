@@ -24,8 +24,11 @@ class SampleResult:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int) -> None:
+    def __init__(self, vocab_size: int, seed: int = 0, device: str | torch.device = "cpu") -> None:
         self.vocab_size = vocab_size
+        # Requests without a seed of their own draw from this one: a run is reproducible from
+        # engine start (EngineConfig.seed), and no global RNG state is touched.
+        self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
         logits = logits[:, : self.vocab_size]
@@ -43,13 +46,15 @@ class Sampler:
         sampled_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
         if sampled_rows:
             rows = torch.tensor(sampled_rows, device=logits.device)
-            chosen = _sample(logits[rows], [requests[i] for i in sampled_rows])
+            chosen = _sample(logits[rows], [requests[i] for i in sampled_rows], self.generator)
             tokens[rows] = chosen
         token_list = tokens.tolist()
         return SampleResult(token_list, _gather_logprobs(raw_logprobs, token_list, requests))
 
 
-def _sample(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+def _sample(
+    logits: torch.Tensor, requests: list[Request], generator: torch.Generator
+) -> torch.Tensor:
     device = logits.device
     temps = torch.tensor([r.params.temperature for r in requests], device=device)
     logits = logits / temps.unsqueeze(1)
@@ -66,7 +71,8 @@ def _sample(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     noise = torch.empty_like(probs)
     unseeded = [i for i, r in enumerate(requests) if r.generator is None]
     if unseeded:
-        noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=device).exponential_()
+        shape = (len(unseeded), probs.shape[1])
+        noise[unseeded] = torch.empty(shape, device=device).exponential_(generator=generator)
     for i, r in enumerate(requests):
         if r.generator is not None:
             row = torch.empty(probs.shape[1], dtype=probs.dtype)

@@ -92,3 +92,12 @@ def test_logprobs_are_raw_log_softmax_with_top_alternatives():
 
 def test_huge_top_k_means_off():
     assert set(draw(LOGITS, top_k=2**80).tolist()) == {0, 1, 2, 3, 4}
+
+
+def test_engine_seed_makes_unseeded_sampling_reproducible():
+    logits = torch.zeros(4, VOCAB)
+    draws = [Sampler(VOCAB, seed=3)(logits, [req() for _ in range(4)]).token_ids for _ in range(2)]
+    assert draws[0] == draws[1]
+    other = [Sampler(VOCAB, seed=s)(torch.zeros(64, VOCAB), [req() for _ in range(64)]).token_ids
+             for s in (3, 4)]
+    assert other[0] != other[1]
