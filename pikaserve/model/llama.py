@@ -14,7 +14,7 @@ from pikaserve.attention.metadata import AttentionMetadata
 from pikaserve.attention.torch_backend import TorchPagedAttention
 from pikaserve.model.checkpoint import ModelLoadError
 from pikaserve.model.model_config import ModelConfig
-from pikaserve.model.rope import RotaryEmbedding
+from pikaserve.model.rope import RotaryEmbedding, apply_rotary
 
 
 def _weight(*shape: int, factory: dict) -> nn.Parameter:
@@ -76,8 +76,7 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rope: RotaryEmbedding,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
         kv: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
@@ -89,7 +88,7 @@ class DecoderLayer(nn.Module):
         v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(positions, q, k)
+        q, k = apply_rotary(q, k, cos_sin)
         attn = self.attn.forward(q, k, v, kv[0], kv[1], meta)
         x = x + self.o_proj(attn.view(-1, self.q_size))
         gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
@@ -120,8 +119,9 @@ class LlamaForCausalLM(nn.Module):
         logits_indices: torch.Tensor,  # [R] rows whose next-token logits are needed
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        cos_sin = self.rope(positions)
         for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, positions, self.rope, kv, meta)
+            x = layer(x, cos_sin, kv, meta)
         x = self.norm(x[logits_indices])
         return self.lm_head(x).float()
 
