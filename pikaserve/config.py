@@ -42,6 +42,9 @@ class EngineConfig:
     structured_output_fast_forward: bool = True  # append grammar-forced tokens without sampling
     kv_cache_dtype: str = "auto"
     quantization: str | None = None  # None: as stored; "gguf": the quantized .gguf file as is
+    # CPU + bfloat16: passes of at most this many rows multiply by a Q4 GGUF's 4-bit weights
+    # directly (memory-bound, ~4x fewer bytes); bigger ones by the dequantized copy. 0: never.
+    int4_max_rows: int = 12
     tensor_parallel_size: int = 1  # only 1 so far
     enforce_eager: bool = False  # accepted; there are no CUDA graphs to turn off yet
 
@@ -56,6 +59,8 @@ class EngineConfig:
             raise ConfigError("max_num_seqs must be >= 1")
         if self.max_num_batched_tokens < 1:
             raise ConfigError("max_num_batched_tokens must be >= 1")
+        if self.int4_max_rows < 0:
+            raise ConfigError("int4_max_rows must be >= 0")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError("gpu_memory_utilization must be in (0, 1]")
         if not 0.0 < self.cpu_kv_cache_fraction < 1.0:

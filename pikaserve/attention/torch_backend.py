@@ -45,39 +45,36 @@ class TorchPagedAttention:
         return out
 
     def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
-        # Plain matmuls beat SDPA's CPU kernels ~5x for one query row; GQA by reshaping the
-        # query heads into groups instead of repeating keys.
+        # Plain matmuls beat SDPA's CPU kernel ~5x for one query row; GQA by grouping the
+        # query heads per key head instead of repeating keys.
         mask = meta.decode_mask  # [B, 1, 1, L]
-        b, max_len = q.shape[0], mask.shape[-1]
-        keys = k_cache[meta.decode_block_tables].flatten(1, 2)[:, :max_len]  # [B, L, Hkv, D]
-        values = v_cache[meta.decode_block_tables].flatten(1, 2)[:, :max_len]
+        b, length = q.shape[0], mask.shape[-1]
+        keys = self._gather(k_cache, meta.decode_block_tables, length)  # [B, Hkv, L, D]
+        values = self._gather(v_cache, meta.decode_block_tables, length)
         q = q.view(b, self.num_kv_heads, -1, self.head_dim)  # [B, Hkv, group, D]
-        scores = (q @ keys.permute(0, 2, 3, 1)).float() * self.scale  # [B, Hkv, group, L]
-        scores = scores.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        return (probs @ values.transpose(1, 2)).view(b, self.num_heads, self.head_dim)
+        scores = (q @ keys.mT).float().mul_(self.scale)  # [B, Hkv, group, L]
+        probs = torch.softmax(scores.masked_fill_(~mask, float("-inf")), dim=-1).to(q.dtype)
+        return (probs @ values).view(b, self.num_heads, self.head_dim)
+
+    def _gather(self, cache: torch.Tensor, tables: torch.Tensor, length: int) -> torch.Tensor:
+        """The first `length` cached rows of each table's sequence, as [B, Hkv, L, D].
+
+        index_select is ~2x faster than advanced indexing here, and a contiguous head-major
+        copy makes the following batched matmuls ~2x faster than strided views.
+        """
+        b = tables.shape[0]
+        rows = cache.index_select(0, tables.flatten()).view(b, -1, self.num_kv_heads, self.head_dim)
+        return rows[:, :length].transpose(1, 2).contiguous()
 
     def _chunk(self, q, k, v, k_cache, v_cache, chunk: ChunkSequence) -> torch.Tensor:
         q = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, Lq, D]
-        if chunk.context_len == chunk.query_len:
-            # nothing cached before this chunk: attend to the fresh keys directly
-            keys, values = k, v
-            o = self._sdpa(q, keys.transpose(0, 1)[None], values.transpose(0, 1)[None], None, True)
+        if chunk.mask is None:  # nothing cached before this chunk: attend to the fresh keys
+            keys, values = k.transpose(0, 1)[None], v.transpose(0, 1)[None]
         else:
-            n = chunk.context_len
-            keys = k_cache[chunk.block_table].flatten(0, 1)[:n]
-            values = v_cache[chunk.block_table].flatten(0, 1)[:n]
-            offset = n - chunk.query_len
-            qpos = torch.arange(chunk.query_len, device=q.device).unsqueeze(1) + offset
-            mask = torch.arange(n, device=q.device).unsqueeze(0) <= qpos
-            o = self._sdpa(q, keys.transpose(0, 1)[None], values.transpose(0, 1)[None], mask, False)
-        return o[0].transpose(0, 1)
-
-    def _sdpa(self, q, k, v, mask, causal: bool) -> torch.Tensor:
-        if self.gqa:
-            rep = self.num_heads // self.num_kv_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale
+            keys = self._gather(k_cache, chunk.block_table[None], chunk.context_len)
+            values = self._gather(v_cache, chunk.block_table[None], chunk.context_len)
+        o = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=chunk.mask, is_causal=chunk.mask is None,
+            scale=self.scale, enable_gqa=self.gqa,
         )
+        return o[0].transpose(0, 1)

@@ -16,6 +16,10 @@ class Constraint(Protocol):
     def mask_logits(self, logits: torch.Tensor) -> None:
         """Set the logits of tokens the grammar forbids next to -inf, in place (one row)."""
 
+    def allowed_tokens(self) -> list[int] | None:
+        """The tokens the grammar allows next when they are few, else None. The engine then
+        computes the LM head over those rows of the vocabulary only."""
+
     def accept(self, token_ids: list[int]) -> None:
         """Advance the grammar over tokens appended to the output."""
 

@@ -24,9 +24,10 @@ class ModelRunner:
         self.device = device
         self.num_forward_passes = 0
 
-    def execute(self, out: SchedulerOutput) -> torch.Tensor:
+    def execute(self, out: SchedulerOutput, vocab_rows: list[int] | None = None) -> torch.Tensor:
         """Logits [num_sampling_rows, vocab] (float32), in the order of `out.scheduled`'s
-        requests that sample this step."""
+        requests that sample this step. With `vocab_rows`, only those tokens get logits; the
+        others are -inf."""
         bs = self.block_size
         ids, positions, slots, logits_rows = [], [], [], []
         chunks: list[ChunkSequence] = []
@@ -46,8 +47,11 @@ class ModelRunner:
                 dec_lens.append(start + 1)
             else:
                 num_blocks = -(-(start + n) // bs)
+                mask = None
+                if start:  # row i sees the cached tokens and the chunk's first i + 1
+                    mask = self._tensor(np.arange(start + n)[None, :] <= pos[:, None])
                 chunks.append(
-                    ChunkSequence(row, n, start + n, self._tensor(table[:num_blocks]))
+                    ChunkSequence(row, n, start + n, self._tensor(table[:num_blocks]), mask)
                 )
             row += n
             if s.samples:
@@ -77,6 +81,7 @@ class ModelRunner:
             self.kv_caches,
             meta,
             self._tensor(np.asarray(logits_rows, dtype=np.int64)),
+            None if vocab_rows is None else self._tensor(np.asarray(vocab_rows, dtype=np.int64)),
         )
 
     def _tensor(self, a: np.ndarray) -> torch.Tensor:

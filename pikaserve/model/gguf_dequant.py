@@ -80,12 +80,12 @@ def supported_type_names() -> str:
 # --- torch kernels: (n_blocks, type_size) uint8 -> (n_blocks, block_size) float32 -------------
 
 
-def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
+def f16_column(blocks: torch.Tensor, start: int) -> torch.Tensor:
     """The float16 scale at byte `start` of every block, as a (n, 1) float32 column."""
     return blocks[:, start : start + 2].contiguous().view(torch.float16).float()
 
 
-def _nibbles(qs: torch.Tensor, group: int) -> torch.Tensor:
+def nibbles(qs: torch.Tensor, group: int) -> torch.Tensor:
     """Low nibbles of each `group` bytes, then their high nibbles (ggml's element order)."""
     grouped = qs.reshape(qs.shape[0], -1, group)
     return torch.stack([grouped & 0x0F, grouped >> 4], dim=2)
@@ -103,36 +103,36 @@ def _high_bits32(qh: torch.Tensor) -> torch.Tensor:
 
 
 def _q4_0(blocks: torch.Tensor) -> torch.Tensor:
-    d = _f16(blocks, 0)
-    q = _nibbles(blocks[:, 2:], 16).reshape(blocks.shape[0], -1).to(torch.int8) - 8
+    d = f16_column(blocks, 0)
+    q = nibbles(blocks[:, 2:], 16).reshape(blocks.shape[0], -1).to(torch.int8) - 8
     return d * q.float()
 
 
 def _q4_1(blocks: torch.Tensor) -> torch.Tensor:
-    d, m = _f16(blocks, 0), _f16(blocks, 2)
-    q = _nibbles(blocks[:, 4:], 16).reshape(blocks.shape[0], -1).float()
+    d, m = f16_column(blocks, 0), f16_column(blocks, 2)
+    q = nibbles(blocks[:, 4:], 16).reshape(blocks.shape[0], -1).float()
     return d * q + m
 
 
 def _q5_0(blocks: torch.Tensor) -> torch.Tensor:
-    d = _f16(blocks, 0)
-    low = _nibbles(blocks[:, 6:], 16).reshape(blocks.shape[0], -1)
+    d = f16_column(blocks, 0)
+    low = nibbles(blocks[:, 6:], 16).reshape(blocks.shape[0], -1)
     q = (low | (_high_bits32(blocks[:, 2:6]) << 4)).to(torch.int8) - 16
     return d * q.float()
 
 
 def _q5_1(blocks: torch.Tensor) -> torch.Tensor:
-    d, m = _f16(blocks, 0), _f16(blocks, 2)
-    low = _nibbles(blocks[:, 8:], 16).reshape(blocks.shape[0], -1)
+    d, m = f16_column(blocks, 0), f16_column(blocks, 2)
+    low = nibbles(blocks[:, 8:], 16).reshape(blocks.shape[0], -1)
     q = (low | (_high_bits32(blocks[:, 4:8]) << 4)).float()
     return d * q + m
 
 
 def _q8_0(blocks: torch.Tensor) -> torch.Tensor:
-    return blocks[:, 2:].contiguous().view(torch.int8).float() * _f16(blocks, 0)
+    return blocks[:, 2:].contiguous().view(torch.int8).float() * f16_column(blocks, 0)
 
 
-def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The eight 6-bit scales and mins packed into Q4_K/Q5_K's 12 scale bytes."""
     n = scales.shape[0]
     s = scales.reshape(n, 3, 4)
@@ -145,8 +145,8 @@ def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _k_dequant(blocks: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Q4_K/Q5_K: apply per-32 scales and mins to 256 unpacked values `q` (n, 8, 32)."""
     n = blocks.shape[0]
-    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
-    sc, mn = _k_scale_min(blocks[:, 4:16])
+    d, dmin = f16_column(blocks, 0), f16_column(blocks, 2)
+    sc, mn = k_scale_min(blocks[:, 4:16])
     scale = (d * sc.float()).reshape(n, -1, 1)
     offset = (dmin * mn.float()).reshape(n, -1, 1)
     return (scale * q.float() - offset).reshape(n, QK_K)
@@ -154,13 +154,13 @@ def _k_dequant(blocks: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
-    return _k_dequant(blocks, _nibbles(blocks[:, 16:], 32).reshape(n, -1, 32))
+    return _k_dequant(blocks, nibbles(blocks[:, 16:], 32).reshape(n, -1, 32))
 
 
 def _q5_k(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
     qh, qs = blocks[:, 16 : 16 + QK_K // 8], blocks[:, 16 + QK_K // 8 :]
-    low = _nibbles(qs, 32).reshape(n, -1, 32)
+    low = nibbles(qs, 32).reshape(n, -1, 32)
     high = _bit_planes(qh.reshape(n, 32), 1, dim=1)
     return _k_dequant(blocks, low | (high << 4))
 
@@ -169,9 +169,9 @@ def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
     ql, qh = blocks[:, : QK_K // 2], blocks[:, QK_K // 2 : QK_K // 2 + QK_K // 4]
     scales = blocks[:, QK_K // 2 + QK_K // 4 : QK_K // 2 + QK_K // 4 + QK_K // 16]
-    d = _f16(blocks, QK_K // 2 + QK_K // 4 + QK_K // 16)
+    d = f16_column(blocks, QK_K // 2 + QK_K // 4 + QK_K // 16)
     scale = (d * scales.contiguous().view(torch.int8).float()).reshape(n, QK_K // 16, 1)
-    low = _nibbles(ql, 64).reshape(n, -1, 32)
+    low = nibbles(ql, 64).reshape(n, -1, 32)
     high = _bit_planes(qh.reshape(n, -1, 32), 2, dim=2).reshape(n, -1, 32)
     q = (low | (high << 4)).to(torch.int8) - 32
     return (scale * q.reshape(n, QK_K // 16, -1).float()).reshape(n, QK_K)

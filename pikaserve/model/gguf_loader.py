@@ -23,6 +23,7 @@ import torch
 
 from pikaserve.model.checkpoint import Checkpoint, ModelLoadError
 from pikaserve.model.gguf_dequant import dequantize
+from pikaserve.model.int4_weights import INT4_TYPES, Int4Groups, int4_groups
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ _GLOBAL_NAMES: dict[str, str] = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+_EMBEDDINGS = "model.embed_tokens.weight"  # looked up by row, never multiplied
 _ROPE_FREQS = "rope_freqs.weight"  # llama3-style rope scaling, stored as per-dim factors
 
 # llama.cpp pre-tokenizers that isolate every digit before the GPT-2 split (llama-vocab.cpp).
@@ -241,14 +243,20 @@ def _shape(tensor: gguf.ReaderTensor) -> tuple[int, ...]:
     return tuple(int(d) for d in reversed(tensor.shape.tolist()))  # ggml lists ne0 first
 
 
-def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Checkpoint:
-    """Read a GGUF file into a Checkpoint (HF config + HF-named, dequantized `dtype` tensors)."""
+def load_gguf(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, keep_int4: bool = False
+) -> Checkpoint:
+    """Read a GGUF file into a Checkpoint (HF config + HF-named, dequantized `dtype` tensors).
+
+    keep_int4: also return the 4-bit codes of Q4_0/Q4_1/Q4_K matrices (`Checkpoint.int4`).
+    """
     reader = open_gguf(path)
     arch = _architecture(reader)
     names = {t.name for t in reader.tensors}
     config = _config(reader, arch, names)
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     tensors: dict[str, torch.Tensor] = {}
+    int4: dict[str, Int4Groups] = {}
     for tensor in reader.tensors:
         if tensor.name == _ROPE_FREQS:
             factors = dequantize(tensor.data, tensor.tensor_type, _shape(tensor), torch.float32)
@@ -259,11 +267,17 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Ch
         name = hf_tensor_name(tensor.name)
         value = dequantize(tensor.data, tensor.tensor_type, _shape(tensor), dtype)
         leaf = tensor.name.split(".")[2] if tensor.name.startswith("blk.") else ""
-        if arch == "llama" and leaf in heads:  # qwen2/qwen3 converters do not permute
+        unpermute = arch == "llama" and leaf in heads  # qwen2/qwen3 converters do not permute
+        if unpermute:
             value = unpermute_rope_rows(value, heads[leaf])
         tensors[name] = value
+        if keep_int4 and tensor.tensor_type in INT4_TYPES and name != _EMBEDDINGS:
+            groups = int4_groups(tensor.data, tensor.tensor_type, value.shape)
+            if unpermute:
+                groups = groups.map_rows(functools.partial(unpermute_rope_rows, n_heads=heads[leaf]))
+            int4[name] = groups
     _check_complete(config, tensors)
-    return Checkpoint(config=config, tensors=tensors)
+    return Checkpoint(config=config, tensors=tensors, int4=int4)
 
 
 def _check_complete(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:

@@ -13,6 +13,7 @@ from torch import nn
 from pikaserve.attention.metadata import AttentionMetadata
 from pikaserve.attention.torch_backend import TorchPagedAttention
 from pikaserve.model.checkpoint import ModelLoadError
+from pikaserve.model.int4_weights import Int4Groups, PackedInt4, can_pack
 from pikaserve.model.model_config import ModelConfig
 from pikaserve.model.rope import RotaryEmbedding, apply_rotary
 
@@ -28,8 +29,17 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = _weight(out_features, in_features, factory=factory)
         self.bias = _weight(out_features, factory=factory) if bias else None
+        self.packed: PackedInt4 | None = None
+        self.packed_max_rows = 0
+
+    def use_packed(self, groups: Int4Groups, max_rows: int) -> None:
+        """Multiply inputs of at most `max_rows` rows by 4-bit weights (model/int4_weights.py)."""
+        self.packed, self.packed_max_rows = PackedInt4(groups), max_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and x.shape[0] <= self.packed_max_rows:
+            y = self.packed.matmul(x)
+            return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
 
 
@@ -117,13 +127,18 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
         logits_indices: torch.Tensor,  # [R] rows whose next-token logits are needed
+        vocab_rows: torch.Tensor | None = None,  # [V'] the only tokens that can be chosen
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         cos_sin = self.rope(positions)
         for layer, kv in zip(self.layers, kv_caches):
             x = layer(x, cos_sin, kv, meta)
         x = self.norm(x[logits_indices])
-        return self.lm_head(x).float()
+        if vocab_rows is None:
+            return self.lm_head(x).float()
+        logits = torch.full((x.shape[0], self.cfg.vocab_size), float("-inf"), device=x.device)
+        part = F.linear(x, self.lm_head.weight.index_select(0, vocab_rows))
+        return logits.index_copy_(1, vocab_rows, part.float())
 
     def load_hf_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up; consumes `tensors`."""
@@ -156,6 +171,24 @@ class LlamaForCausalLM(nn.Module):
             own[f"layers.{i}.post_attention_layernorm.weight"].copy_(
                 take(p + "post_attention_layernorm.weight")
             )
+
+    def use_int4(self, int4: dict[str, Int4Groups], max_rows: int) -> None:
+        """Give every linear layer whose weights are all in `int4` (HF names) a packed 4-bit
+        copy, used for passes of at most `max_rows` rows."""
+        for i, layer in enumerate(self.layers):
+            attn, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+            linears = [
+                (layer.qkv_proj, [attn + "q_proj", attn + "k_proj", attn + "v_proj"]),
+                (layer.o_proj, [attn + "o_proj"]),
+                (layer.gate_up_proj, [mlp + "gate_proj", mlp + "up_proj"]),
+                (layer.down_proj, [mlp + "down_proj"]),
+            ]
+            for linear, names in linears:
+                weights = [int4.get(n + ".weight") for n in names]
+                if None not in weights and can_pack(tuple(linear.weight.shape)):
+                    linear.use_packed(Int4Groups.cat(weights), max_rows)
+        if "lm_head.weight" in int4 and can_pack(tuple(self.lm_head.weight.shape)):
+            self.lm_head.use_packed(int4["lm_head.weight"], max_rows)
 
 
 class _Taker:

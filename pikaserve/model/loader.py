@@ -83,13 +83,15 @@ def _hf_cache_snapshot(model_id: str) -> Path | None:
     return candidates[-1] if candidates else None
 
 
-def load_checkpoint(path: Path, dtype: torch.dtype) -> tuple[Checkpoint, Tokenizer]:
+def load_checkpoint(
+    path: Path, dtype: torch.dtype, keep_int4: bool = False
+) -> tuple[Checkpoint, Tokenizer]:
     if path.is_dir():
         checkpoint, hf_tok = load_hf_folder(path, dtype), load_hf_tokenizer(path)
     elif path.suffix == ".gguf":
         from pikaserve.model.gguf_loader import load_gguf, load_gguf_tokenizer
 
-        checkpoint, hf_tok = load_gguf(path, dtype), load_gguf_tokenizer(path)
+        checkpoint, hf_tok = load_gguf(path, dtype, keep_int4), load_gguf_tokenizer(path)
     else:
         raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file")
     eos = checkpoint.config.get("eos_token_id")
@@ -98,12 +100,21 @@ def load_checkpoint(path: Path, dtype: torch.dtype) -> tuple[Checkpoint, Tokeniz
 
 
 def load_model(
-    path: Path, device: torch.device, dtype: torch.dtype, max_positions: int | None
+    path: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_positions: int | None,
+    int4_max_rows: int = 0,
 ) -> LoadedModel:
-    checkpoint, tokenizer = load_checkpoint(path, dtype)
+    """int4_max_rows > 0: passes of at most that many rows use a Q4 GGUF's packed 4-bit
+    weights; only torch's CPU kernel for bfloat16 exists (its float32 path is ~10x slower)."""
+    use_int4 = int4_max_rows > 0 and device.type == "cpu" and dtype == torch.bfloat16
+    checkpoint, tokenizer = load_checkpoint(path, dtype, keep_int4=use_int4)
     config = ModelConfig.from_hf(checkpoint.config)
     positions = max_positions or config.max_position_embeddings
     model = LlamaForCausalLM(config, positions, dtype, device)
+    if checkpoint.int4:
+        model.use_int4(checkpoint.int4, int4_max_rows)
     model.load_hf_tensors(checkpoint.tensors)
     model.eval()
     return LoadedModel(model, config, tokenizer, path)

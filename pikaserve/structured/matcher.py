@@ -137,6 +137,14 @@ class GrammarMatcher:
         else:
             self._mask.apply(logits)
 
+    def allowed_tokens(self) -> list[int] | None:
+        plan = self._ensure_plan()
+        if plan:
+            return [plan[0]]
+        if self.error is not None or self._mask is None:
+            return list(self._info.eos_token_ids)
+        return None if self._mask.ids is None else self._mask.ids.tolist()
+
     def accept(self, token_ids: list[int]) -> None:
         for t in token_ids:
             if self.error is not None:

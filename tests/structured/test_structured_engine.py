@@ -237,6 +237,9 @@ def test_a_rejected_token_ends_the_request_cleanly(llm):
         def mask_logits(self, logits):
             pass
 
+        def allowed_tokens(self):
+            return None
+
         def __getattr__(self, name):
             return getattr(self.inner, name)
 
