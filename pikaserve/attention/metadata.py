@@ -19,8 +19,8 @@ class ChunkSequence:
     query_len: int
     context_len: int  # tokens in the KV cache after this step, including the new ones
     block_table: torch.Tensor  # [num_blocks] int64, the sequence's KV blocks in order
-    # [query_len, context_len] bool, True = attend (causal, shifted by the cached tokens);
-    # None when nothing was cached before this chunk (plain causal attention)
+    # [query_len, context_len] additive bias, 0 = attend, -inf = not (causal, shifted by the
+    # cached tokens); None when nothing was cached before this chunk (plain causal attention)
     mask: torch.Tensor | None = None
 
 

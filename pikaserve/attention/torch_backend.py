@@ -35,8 +35,12 @@ class TorchPagedAttention:
         flat_k.index_copy_(0, meta.slot_mapping, k)
         flat_v.index_copy_(0, meta.slot_mapping, v)
 
-        out = torch.empty_like(q)
         nd = meta.num_decode_tokens
+        if not meta.chunks:
+            return self._decode(q, k_cache, v_cache, meta)
+        if not nd and len(meta.chunks) == 1:
+            return self._chunk(q, k, v, k_cache, v_cache, meta.chunks[0])
+        out = torch.empty_like(q)
         if nd:
             out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta)
         for chunk in meta.chunks:

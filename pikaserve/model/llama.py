@@ -60,9 +60,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # normalise in float32 like the reference, scale in the model dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -91,16 +90,17 @@ class DecoderLayer(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         cfg = self.cfg
-        h = self.input_layernorm(x)
-        q, k, v = self.qkv_proj(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, cfg.num_heads, cfg.head_dim)
-        k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
-        v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
+        qkv = self.qkv_proj(self.input_layernorm(x))
+        qk_heads = cfg.num_heads + cfg.num_kv_heads
+        qk = qkv[:, : self.q_size + self.kv_size].view(-1, qk_heads, cfg.head_dim)
+        v = qkv[:, self.q_size + self.kv_size :].view(-1, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, k, cos_sin)
+            heads = cfg.num_heads
+            qk = torch.cat((self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])), dim=1)
+        qk = apply_rotary(qk, cos_sin)  # queries and keys in one go
+        q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
         attn = self.attn.forward(q, k, v, kv[0], kv[1], meta)
-        x = x + self.o_proj(attn.view(-1, self.q_size))
+        x = x + self.o_proj(attn.reshape(-1, self.q_size))
         gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
 
