@@ -12,6 +12,7 @@ from torch import nn
 
 from pikaserve.attention.metadata import AttentionMetadata
 from pikaserve.attention.torch_backend import TorchPagedAttention
+from pikaserve.model import onednn_weights
 from pikaserve.model.checkpoint import ModelLoadError
 from pikaserve.model.int4_weights import Int4Groups, PackedInt4, can_pack
 from pikaserve.model.model_config import ModelConfig
@@ -25,21 +26,34 @@ def _weight(*shape: int, factory: dict) -> nn.Parameter:
 
 
 class Linear(nn.Module):
+    """y = x W^T + b, with optional CPU weight layouts picked by the number of rows."""
+
     def __init__(self, in_features: int, out_features: int, bias: bool, factory: dict) -> None:
         super().__init__()
-        self.weight = _weight(out_features, in_features, factory=factory)
+        self.shape = (out_features, in_features)
+        self.weight: nn.Parameter | None = _weight(out_features, in_features, factory=factory)
         self.bias = _weight(out_features, factory=factory) if bias else None
-        self.packed: PackedInt4 | None = None
-        self.packed_max_rows = 0
+        self.int4: PackedInt4 | None = None
+        self.int4_max_rows = 0
+        self.reordered: torch.Tensor | None = None
 
-    def use_packed(self, groups: Int4Groups, max_rows: int) -> None:
+    def use_int4(self, groups: Int4Groups, max_rows: int) -> None:
         """Multiply inputs of at most `max_rows` rows by 4-bit weights (model/int4_weights.py)."""
-        self.packed, self.packed_max_rows = PackedInt4(groups), max_rows
+        self.int4, self.int4_max_rows = PackedInt4(groups), max_rows
+
+    def reorder_for_onednn(self, keep_plain: bool) -> None:
+        """Use a oneDNN-layout copy of the weight (model/onednn_weights.py) where available;
+        without `keep_plain` the plain copy is released once it is not needed."""
+        self.reordered = onednn_weights.reorder(self.weight)
+        if self.reordered is not None and not keep_plain:
+            self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.shape[0] <= self.packed_max_rows:
-            y = self.packed.matmul(x)
+        if self.int4 is not None and x.shape[0] <= self.int4_max_rows:
+            y = self.int4.matmul(x)
             return y if self.bias is None else y + self.bias
+        if self.reordered is not None:
+            return onednn_weights.linear(x, self.reordered, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -185,10 +199,18 @@ class LlamaForCausalLM(nn.Module):
             ]
             for linear, names in linears:
                 weights = [int4.get(n + ".weight") for n in names]
-                if None not in weights and can_pack(tuple(linear.weight.shape)):
-                    linear.use_packed(Int4Groups.cat(weights), max_rows)
-        if "lm_head.weight" in int4 and can_pack(tuple(self.lm_head.weight.shape)):
-            self.lm_head.use_packed(int4["lm_head.weight"], max_rows)
+                if None not in weights and can_pack(linear.shape):
+                    linear.use_int4(Int4Groups.cat(weights), max_rows)
+        if "lm_head.weight" in int4 and can_pack(self.lm_head.shape):
+            self.lm_head.use_int4(int4["lm_head.weight"], max_rows)
+
+    def reorder_for_onednn(self) -> None:
+        """CPU: reorder every matmul weight once (model/onednn_weights.py). The LM head keeps
+        its plain weight: it may be the embedding table, and grammar-held steps take rows of it."""
+        for layer in self.layers:
+            for linear in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
+                linear.reorder_for_onednn(keep_plain=False)
+        self.lm_head.reorder_for_onednn(keep_plain=True)
 
 
 class _Taker:

@@ -116,5 +116,7 @@ def load_model(
     if checkpoint.int4:
         model.use_int4(checkpoint.int4, int4_max_rows)
     model.load_hf_tensors(checkpoint.tensors)
+    if device.type == "cpu":
+        model.reorder_for_onednn()
     model.eval()
     return LoadedModel(model, config, tokenizer, path)
