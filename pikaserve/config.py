@@ -29,7 +29,9 @@ class EngineConfig:
     dtype: str = "auto"  # auto: bfloat16 on CPUs with AVX512-BF16/AMX and on CUDA, else float32
     device: str = "auto"  # auto: cuda when available, else cpu
     max_model_len: int | None = None  # None: the model's context length, capped at 8192
-    block_size: int = 16  # tokens per KV block; prefix-cache hits are block-granular
+    # Tokens per KV block. Prefix-cache hits are block-granular: at 4 a new Pika turn reuses
+    # 328 of its 330 shared tokens (320 at 16), ~8% faster per request on CPU.
+    block_size: int = 4
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of device memory for weights + KV
     kv_cache_memory_bytes: int | None = None  # explicit KV budget; wins over the defaults
     cpu_kv_cache_fraction: float = 0.1  # CPU: fraction of total RAM for KV when no byte budget

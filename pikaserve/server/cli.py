@@ -46,7 +46,7 @@ FLAGS = (
          "capped at 8192)"),
     Flag("max-num-seqs", "engine", type=int, help="most sequences running at once (128)"),
     Flag("max-num-batched-tokens", "engine", type=int, help="token budget per step (2048)"),
-    Flag("block-size", "engine", type=int, help="tokens per KV block (16)"),
+    Flag("block-size", "engine", type=int, help="tokens per KV block (4)"),
     Flag("gpu-memory-utilization", "engine", type=float,
          help="CUDA: fraction of device memory for weights + KV (0.9); ignored on CPU"),
     Flag("kv-cache-memory-bytes", "engine", type=int, help="explicit KV cache budget in bytes"),

@@ -82,7 +82,9 @@ def test_forced_preemption(model_dir, prompts, alone):
     import torch
 
     block_bytes = bytes_per_token(llm_probe.engine.model_config, torch.float32) * 16
-    outs, llm = run_all(model_dir, prompts[:16], kv_cache_memory_bytes=10 * block_bytes)
+    outs, llm = run_all(
+        model_dir, prompts[:16], block_size=16, kv_cache_memory_bytes=10 * block_bytes
+    )
     assert llm.engine.pool.num_blocks == 10
     assert llm.engine.scheduler.num_preemptions > 0
     assert outs == alone[:16]
