@@ -29,5 +29,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64: flat KV slot each new token is written to
     num_decode_tokens: int  # leading rows that are single-token sequences
     decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] int64
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_context] bool, True = attend
+    decode_context_len: int  # the longest decode row's context (keys gathered per row)
+    # [num_decodes, 1, 1, decode_context_len] bool, True = attend; None when every decode row
+    # has the longest context (one row, or equal lengths): nothing to mask
+    decode_mask: torch.Tensor | None
     chunks: list[ChunkSequence]

@@ -51,13 +51,14 @@ class TorchPagedAttention:
     def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         # Plain matmuls beat SDPA's CPU kernel ~5x for one query row; GQA by grouping the
         # query heads per key head instead of repeating keys.
-        mask = meta.decode_mask  # [B, 1, 1, L]
-        b, length = q.shape[0], mask.shape[-1]
+        b, length = q.shape[0], meta.decode_context_len
         keys = self._gather(k_cache, meta.decode_block_tables, length)  # [B, Hkv, L, D]
         values = self._gather(v_cache, meta.decode_block_tables, length)
         q = q.view(b, self.num_kv_heads, -1, self.head_dim)  # [B, Hkv, group, D]
         scores = (q @ keys.mT).float().mul_(self.scale)  # [B, Hkv, group, L]
-        probs = torch.softmax(scores.masked_fill_(~mask, float("-inf")), dim=-1).to(q.dtype)
+        if meta.decode_mask is not None:  # rows shorter than the longest
+            scores.masked_fill_(~meta.decode_mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
         return (probs @ values).view(b, self.num_heads, self.head_dim)
 
     def _gather(self, cache: torch.Tensor, tables: torch.Tensor, length: int) -> torch.Tensor:

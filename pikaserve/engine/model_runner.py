@@ -62,6 +62,7 @@ class ModelRunner:
             slot_mapping=self._tensor(np.concatenate(slots)),
             num_decode_tokens=len(dec_lens),
             decode_block_tables=None,
+            decode_context_len=max(dec_lens, default=0),
             decode_mask=None,
             chunks=chunks,
         )
@@ -70,10 +71,11 @@ class ModelRunner:
             tables = np.zeros((len(dec_tables), width), dtype=np.int64)
             for i, t in enumerate(dec_tables):
                 tables[i, : len(t)] = t
-            lens = np.asarray(dec_lens, dtype=np.int64)
-            mask = np.arange(int(lens.max()))[None, :] < lens[:, None]
             meta.decode_block_tables = self._tensor(tables)
-            meta.decode_mask = torch.from_numpy(mask).to(self.device)[:, None, None, :]
+            lens = np.asarray(dec_lens, dtype=np.int64)
+            if (lens < meta.decode_context_len).any():
+                mask = np.arange(meta.decode_context_len)[None, :] < lens[:, None]
+                meta.decode_mask = torch.from_numpy(mask).to(self.device)[:, None, None, :]
 
         self.num_forward_passes += 1
         return self.model(
