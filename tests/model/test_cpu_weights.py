@@ -1,0 +1,110 @@
+"""CPU weight layouts: Q4 GGUF weights kept packed (int4) and oneDNN-reordered weights.
+
+Both must compute what the plain dequantized weights compute: exactly for the reordering,
+within bfloat16 rounding for the 4-bit kernel (its scales are rounded to bfloat16).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pikaserve.attention.metadata import AttentionMetadata, ChunkSequence
+from pikaserve.llm import LLM
+from pikaserve.model.gguf_loader import load_gguf
+from pikaserve.model.int4_weights import PackedInt4
+from pikaserve.model.llama import Linear
+
+from .conftest import Q
+
+INT4_FILES = [("llama", Q.Q4_0), ("llama", Q.Q4_1), ("llama", Q.Q4_K), ("qwen2", Q.Q4_K)]
+
+
+def _layer_matrices(names) -> set[str]:
+    return {n for n in names if n.startswith("model.layers.") and n.endswith("proj.weight")}
+
+
+@pytest.mark.parametrize(("arch", "qtype"), INT4_FILES, ids=lambda v: getattr(v, "name", v))
+def test_int4_codes_give_back_the_dequantized_weights(tiny_gguf, arch, qtype):
+    checkpoint = load_gguf(tiny_gguf(arch, qtype).path, torch.float32, keep_int4=True)
+    assert _layer_matrices(checkpoint.int4) == _layer_matrices(checkpoint.tensors)
+    assert "model.embed_tokens.weight" not in checkpoint.int4  # looked up, never multiplied
+    for name, groups in checkpoint.int4.items():
+        # llama q/k rows are un-permuted alike in both forms
+        torch.testing.assert_close(
+            groups.dequantize(), checkpoint.tensors[name], rtol=1e-6, atol=1e-7, msg=name
+        )
+
+
+def test_no_int4_codes_unless_asked_or_4_bit(tiny_gguf):
+    assert not load_gguf(tiny_gguf("llama", Q.Q4_1).path, torch.float32).int4
+    assert not load_gguf(tiny_gguf("llama", Q.Q8_0).path, torch.float32, keep_int4=True).int4
+
+
+@pytest.mark.parametrize("rows", [1, 5, 12])
+def test_int4_matmul_equals_the_dequantized_matmul(tiny_gguf, rows):
+    checkpoint = load_gguf(tiny_gguf("llama", Q.Q4_1).path, torch.float32, keep_int4=True)
+    name = "model.layers.0.mlp.gate_proj.weight"
+    x = torch.randn(rows, checkpoint.tensors[name].shape[1]).to(torch.bfloat16)
+    got = PackedInt4(checkpoint.int4[name]).matmul(x)
+    want = x.float() @ checkpoint.tensors[name].t()
+    assert got.dtype == torch.bfloat16
+    assert_close_at_scale(got.float(), want)
+
+
+def assert_close_at_scale(got: torch.Tensor, want: torch.Tensor, fraction: float = 0.02) -> None:
+    """Every element within `fraction` of the largest magnitude: bfloat16 rounding (3 significant
+    digits) makes relative error meaningless for the elements near zero."""
+    worst = (got - want).abs().max().item()
+    assert worst <= fraction * want.abs().max().item(), worst
+
+
+def prefill_logits(llm: LLM, prompt: list[int], **kw) -> torch.Tensor:
+    """The model's next-token logits after `prompt`, from one prefill pass written to the first
+    KV blocks of an idle engine."""
+    n = len(prompt)
+    blocks = -(-n // llm.engine.config.block_size)
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(n), num_decode_tokens=0, decode_block_tables=None,
+        decode_context_len=0, decode_mask=None, chunks=[ChunkSequence(0, n, n, torch.arange(blocks))],
+    )
+    runner = llm.engine.runner
+    ids, positions = torch.tensor(prompt), torch.arange(n)
+    return runner.model(ids, positions, runner.kv_caches, meta, torch.tensor([n - 1]), **kw)[0]
+
+
+def test_model_uses_int4_for_few_rows_and_agrees_with_bf16(tiny_gguf):
+    path = str(tiny_gguf("llama", Q.Q4_1).path)
+    packed = LLM(path, dtype="bfloat16", int4_max_rows=8)
+    plain = LLM(path, dtype="bfloat16", int4_max_rows=0)
+    layers = packed.engine.runner.model.layers
+    assert all(layer.qkv_proj.int4 is not None and layer.down_proj.int4 for layer in layers)
+    assert all(layer.qkv_proj.int4 is None for layer in plain.engine.runner.model.layers)
+    for prompt in ([1, 5, 9], [1, 7, 3, 8, 2, 6]):  # a prefill of <= 8 rows: the int4 path
+        assert_close_at_scale(prefill_logits(packed, prompt), prefill_logits(plain, prompt))
+
+
+def test_int4_only_for_bfloat16_on_cpu(tiny_gguf):
+    llm = LLM(str(tiny_gguf("llama", Q.Q4_1).path), dtype="float32")
+    assert all(layer.qkv_proj.int4 is None for layer in llm.engine.runner.model.layers)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_onednn_reordered_linear_equals_f_linear(dtype):
+    factory = {"dtype": dtype, "device": torch.device("cpu")}
+    linear = Linear(64, 96, bias=True, factory=factory)
+    weight, bias = torch.randn(96, 64).to(dtype), torch.randn(96).to(dtype)
+    linear.weight.copy_(weight)
+    linear.bias.copy_(bias)
+    linear.reorder_for_onednn(keep_plain=False)
+    if linear.reordered is None:
+        pytest.skip("this torch build has no oneDNN")
+    assert linear.weight is None  # the plain copy is released
+    for rows in (1, 7, 64):
+        x = torch.randn(rows, 64).to(dtype)
+        want = F.linear(x, weight, bias)
+        if dtype == torch.bfloat16:
+            assert torch.equal(linear(x), want)
+        else:
+            torch.testing.assert_close(linear(x), want, rtol=1e-5, atol=1e-5)
