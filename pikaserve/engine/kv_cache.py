@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
 
-import numpy as np
 import torch
 
 from pikaserve.config import ConfigError, EngineConfig
@@ -52,11 +53,15 @@ def allocate_kv_cache(
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Zeros, not empty: padded attention reads must see finite values (0 * NaN is NaN).
 
-    On CPU, numpy's calloc gets pages the kernel zeroes on first touch, so a multi-GB cache
-    costs nothing at start-up (torch.zeros would memset it all: seconds).
+    On CPU, an anonymous mapping gets pages the kernel zeroes on first touch, so a multi-GB
+    cache costs nothing at start-up (torch.zeros would memset it all: seconds). Asking for
+    huge pages makes those first touches 512x rarer: with 4 KiB pages, writing a request's
+    new keys and values into never-used blocks cost ~4 ms of page faults per Pika request.
     """
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    same_size_int = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}[itemsize]
-    return torch.from_numpy(np.zeros(shape, dtype=same_size_int)).view(dtype)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    region = mmap.mmap(-1, max(nbytes, 1))
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux; a hint the kernel may ignore
+        region.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(region, dtype=dtype, count=math.prod(shape)).view(shape)
