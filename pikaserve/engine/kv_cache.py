@@ -60,8 +60,8 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     """
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    region = mmap.mmap(-1, max(nbytes, 1))
+    count = math.prod(shape)
+    region = mmap.mmap(-1, max(count * torch.empty((), dtype=dtype).element_size(), 1))
     if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux; a hint the kernel may ignore
         region.madvise(mmap.MADV_HUGEPAGE)
-    return torch.frombuffer(region, dtype=dtype, count=math.prod(shape)).view(shape)
+    return torch.frombuffer(region, dtype=dtype, count=count).view(shape)

@@ -274,7 +274,8 @@ def load_gguf(
         if keep_int4 and tensor.tensor_type in INT4_TYPES and name != _EMBEDDINGS:
             groups = int4_groups(tensor.data, tensor.tensor_type, value.shape)
             if unpermute:
-                groups = groups.map_rows(functools.partial(unpermute_rope_rows, n_heads=heads[leaf]))
+                rows = functools.partial(unpermute_rope_rows, n_heads=heads[leaf])
+                groups = groups.map_rows(rows)
             int4[name] = groups
     _check_complete(config, tensors)
     return Checkpoint(config=config, tensors=tensors, int4=int4)

@@ -95,15 +95,13 @@ class PackedInt4:
     """A weight in torch's CPU int4 layout; multiplies bfloat16 rows by it."""
 
     def __init__(self, groups: Int4Groups) -> None:
-        self.out_features = groups.codes.shape[0]
         self.weight = torch._convert_weight_to_int4pack_for_cpu(
             groups.codes.to(torch.int32), _INNER_K_TILES
         )
         zero = groups.minimum + 8 * groups.scale
         # [K / 32, N, 2]: the layout the kernel reads
-        self.scales_and_zeros = (
-            torch.stack([groups.scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-        )
+        pairs = torch.stack([groups.scale, zero], dim=-1)
+        self.scales_and_zeros = pairs.transpose(0, 1).contiguous().to(torch.bfloat16)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] bfloat16 -> [M, N] bfloat16."""

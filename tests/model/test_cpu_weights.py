@@ -67,7 +67,8 @@ def prefill_logits(llm: LLM, prompt: list[int], **kw) -> torch.Tensor:
     blocks = -(-n // llm.engine.config.block_size)
     meta = AttentionMetadata(
         slot_mapping=torch.arange(n), num_decode_tokens=0, decode_block_tables=None,
-        decode_context_len=0, decode_mask=None, chunks=[ChunkSequence(0, n, n, torch.arange(blocks))],
+        decode_context_len=0, decode_mask=None,
+        chunks=[ChunkSequence(0, n, n, torch.arange(blocks))],
     )
     runner = llm.engine.runner
     ids, positions = torch.tensor(prompt), torch.arange(n)

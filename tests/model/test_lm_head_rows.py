@@ -31,7 +31,8 @@ def test_grammar_held_steps_compute_only_allowed_rows(tiny_model_dir, monkeypatc
         llm.engine.runner, "execute", lambda out, rows=None: seen.append(rows) or execute(out, rows)
     )
     so = StructuredOutputsParams(choice=["yes please", "no thanks", "maybe"])
-    out = llm.generate(["Answer:"], SamplingParams(max_tokens=8, temperature=0, structured_outputs=so))
+    params = SamplingParams(max_tokens=8, temperature=0, structured_outputs=so)
+    out = llm.generate(["Answer:"], params)
     assert out[0].text in {"yes please", "no thanks", "maybe"}
     assert seen and all(rows is not None and len(rows) <= 3 for rows in seen)
     llm.generate(["Answer:"], SamplingParams(max_tokens=2, temperature=0))  # unconstrained
