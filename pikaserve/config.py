@@ -42,6 +42,9 @@ class EngineConfig:
     num_threads: int | None = None  # CPU intra-op threads; None: all cores
     seed: int = 0  # seeds sampling for requests that bring no seed of their own
     structured_output_fast_forward: bool = True  # append grammar-forced tokens without sampling
+    # With fast-forward: where a grammar leaves a few choices, guess one and compute it and the
+    # tokens forced after it in the same pass; a right guess saves a pass (engine/constraint.py).
+    structured_output_draft: bool = True
     kv_cache_dtype: str = "auto"
     quantization: str | None = None  # None: as stored; "gguf": the quantized .gguf file as is
     # CPU + bfloat16: passes of at most this many rows multiply by a Q4 GGUF's 4-bit weights

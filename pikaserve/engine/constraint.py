@@ -3,13 +3,27 @@
 The engine masks a constrained request's next-token logits, tells the constraint which tokens
 were appended, and, when fast-forward is on, appends the tokens the grammar forces without
 sampling them; they are computed together in the next step like a prefill chunk.
+
+Where the grammar leaves a few choices, the engine may also compute a draft in that chunk: a
+guess of the next token plus the tokens the grammar forces after it. The pass samples the guess
+anyway; when the sample equals it, the draft's last row already holds the logits of the choice
+after it, and one pass is saved. A wrong guess costs only its extra rows.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """A guessed next token, then every token the grammar forces after it."""
+
+    token_ids: list[int]
+    allowed_after: list[int] | None  # the tokens allowed after them (None: many)
 
 
 class Constraint(Protocol):
@@ -25,6 +39,10 @@ class Constraint(Protocol):
 
     def forced_tokens(self) -> list[int]:
         """Tokens the grammar forces next (possibly none); not yet accepted."""
+
+    def draft(self) -> Draft | None:
+        """A draft for the next free choice when one is worth computing, else None. Must not
+        change the constraint's state."""
 
     @property
     def is_finished(self) -> bool:

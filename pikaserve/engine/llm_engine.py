@@ -6,11 +6,13 @@ HTTP or asyncio lives above this class (see async_engine.py).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Sequence
 
 from pikaserve.config import ConfigError, EngineConfig
+from pikaserve.engine.constraint import Draft
 from pikaserve.engine.detokenizer import IncrementalDetokenizer
 from pikaserve.engine.kv_cache import allocate_kv_cache
 from pikaserve.engine.model_runner import ModelRunner
@@ -158,23 +160,64 @@ class LLMEngine:
             if s.request.scheduled_time is None:
                 s.request.scheduled_time = now
         sampling = [s.request for s in out.scheduled if s.samples]
-        logits = self.runner.execute(out, self._allowed_vocab(sampling))
+        drafted = [s.request for s in out.scheduled if s.samples and s.num_draft]
+        # the runner returns the drafts' rows after one row per sampling request
+        drafts = {r.request_id: (len(sampling) + i, r.draft) for i, r in enumerate(drafted)}
+        vocab_rows = self._allowed_vocab(sampling, [r.draft for r in drafted])
+        logits = self.runner.execute(out, vocab_rows)
         self.scheduler.advance(out)
         if not sampling:
             return ready
-        result = self.sampler(logits, sampling)
-        return ready + [
-            self._update(req, token, lp)
-            for req, token, lp in zip(sampling, result.token_ids, result.logprobs)
-        ]
+        result = self.sampler(logits[: len(sampling)], sampling)
+        outputs = {}
+        confirmed, rows = [], []  # requests whose draft the sampled token confirmed
+        for req, token, lp in zip(sampling, result.token_ids, result.logprobs):
+            req.draft = None
+            outputs[req.request_id] = self._update(req, token, lp)
+            row, draft = drafts.get(req.request_id, (None, None))
+            if draft is not None and self._confirm_draft(req, token, draft):
+                confirmed.append(req)
+                rows.append(row)
+        if confirmed:  # their draft's last row holds the logits of their next choice
+            result = self.sampler(logits[rows], confirmed)
+            for req, token, lp in zip(confirmed, result.token_ids, result.logprobs):
+                first = outputs[req.request_id]
+                outputs[req.request_id] = _joined(first, self._update(req, token, lp))
+        if self.config.structured_output_draft and self.config.structured_output_fast_forward:
+            for req in sampling:
+                self._set_draft(req)
+        return ready + list(outputs.values())
 
-    def _allowed_vocab(self, sampling: list[Request]) -> list[int] | None:
-        """The tokens any sampling request may take, when every one is held by its grammar to
-        a few: the LM head then computes only their logits (the full head is ~5 ms of a CPU
+    def _confirm_draft(self, req: Request, token: int, draft: Draft) -> bool:
+        """True when the request went on exactly as its draft guessed (the sampled token, then
+        the grammar's forced tail) and is still running: the pass computed those tokens."""
+        n = len(draft.token_ids)
+        if token != draft.token_ids[0] or req.finish_reason is not None:
+            return False
+        if req.num_tokens != req.num_computed_tokens + n:
+            return False
+        if req.all_token_ids[-n:] != draft.token_ids:
+            return False
+        self.scheduler.confirm_draft(req, n)
+        return True
+
+    def _set_draft(self, req: Request) -> None:
+        """Gives a running constrained request a draft for its next pass (engine/constraint.py)."""
+        if req.finish_reason is not None or req.constraint is None or req.constraint.is_finished:
+            return
+        draft = req.constraint.draft()
+        # keep every position inside the context (and the rope tables)
+        if draft is not None and req.num_tokens + len(draft.token_ids) < self.max_model_len:
+            req.draft = draft
+
+    def _allowed_vocab(self, sampling: list[Request], drafts: list[Draft]) -> list[int] | None:
+        """The tokens any sampling row may take, when every one is held by its grammar to a
+        few: the LM head then computes only their logits (the full head is ~5 ms of a CPU
         pass; the sampler sees the same masked logits either way)."""
         allowed: set[int] = set()
-        for req in sampling:
-            ids = req.constraint.allowed_tokens() if req.constraint is not None else None
+        rows_allowed = (r.constraint.allowed_tokens() if r.constraint is not None else None
+                        for r in sampling)
+        for ids in itertools.chain(rows_allowed, (d.allowed_after for d in drafts)):
             if ids is None:
                 return None
             allowed.update(ids)
@@ -267,3 +310,10 @@ class LLMEngine:
         """True when every KV block is free or merely cached (no request holds one)."""
         return self.pool.num_free_blocks == self.pool.num_blocks
 
+
+def _joined(first: RequestOutput, then: RequestOutput) -> RequestOutput:
+    """One output for two updates of a request in the same step (a confirmed draft)."""
+    then.new_token_ids = first.new_token_ids + then.new_token_ids
+    then.new_text = first.new_text + then.new_text
+    then.logprobs = first.logprobs + then.logprobs
+    return then

@@ -26,21 +26,23 @@ class ModelRunner:
         self.num_forward_passes = 0
 
     def execute(self, out: SchedulerOutput, vocab_rows: list[int] | None = None) -> torch.Tensor:
-        """Logits [num_sampling_rows, vocab] (float32), in the order of `out.scheduled`'s
-        requests that sample this step. With `vocab_rows`, only those tokens get logits; the
-        others are -inf."""
+        """Logits (float32) of every request that samples this step, in `out.scheduled`'s
+        order, at its last known token; then, in the same order, those of every such request
+        with a draft, at the draft's last token. With `vocab_rows`, only those tokens get
+        logits; the others are -inf."""
         bs = self.block_size
-        ids, positions, slots, logits_rows = [], [], [], []
+        ids, positions, slots, logits_rows, draft_rows = [], [], [], [], []
         chunks: list[ChunkSequence] = []
         dec_tables: list[list[int]] = []
         dec_lens: list[int] = []
         row = 0
         for s in out.scheduled:
-            req, n = s.request, s.num_new_tokens
+            req, n, k = s.request, s.num_new_tokens, s.num_draft
             start = req.num_computed_tokens
             pos = np.arange(start, start + n, dtype=np.int64)
             table = np.asarray(req.block_ids, dtype=np.int64)
-            ids.append(np.asarray(req.all_token_ids[start : start + n], dtype=np.int64))
+            tokens = req.all_token_ids[start : start + n - k]
+            ids.append(np.asarray(tokens + req.draft.token_ids if k else tokens, dtype=np.int64))
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
             if n == 1:
@@ -56,7 +58,9 @@ class ModelRunner:
                 )
             row += n
             if s.samples:
-                logits_rows.append(row - 1)
+                logits_rows.append(row - 1 - k)
+                if k:
+                    draft_rows.append(row - 1)
 
         meta = AttentionMetadata(
             slot_mapping=self._tensor(np.concatenate(slots)),
@@ -83,7 +87,7 @@ class ModelRunner:
             self._tensor(np.concatenate(positions)),
             self.kv_caches,
             meta,
-            self._tensor(np.asarray(logits_rows, dtype=np.int64)),
+            self._tensor(np.asarray(logits_rows + draft_rows, dtype=np.int64)),
             None if vocab_rows is None else self._tensor(np.asarray(vocab_rows, dtype=np.int64)),
         )
 

@@ -12,6 +12,7 @@ import torch
 from pikaserve.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from pikaserve.engine.constraint import Draft
     from pikaserve.engine.detokenizer import IncrementalDetokenizer
 
 
@@ -29,6 +30,7 @@ class Request:
     detokenizer: "IncrementalDetokenizer"
     eos_token_ids: frozenset[int]
     constraint: Any = None  # a structured-output matcher, or None
+    draft: Draft | None = None  # guessed tokens the next pass computes after the known ones
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)
@@ -65,6 +67,10 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
+
+    @property
+    def num_draft_tokens(self) -> int:
+        return len(self.draft.token_ids) if self.draft is not None else 0
 
     def append_tokens(self, token_ids: list[int]) -> None:
         self.output_token_ids.extend(token_ids)

@@ -21,13 +21,14 @@ from pikaserve.kv.block_pool import BlockPool, chain_hash
 @dataclass(slots=True)
 class ScheduledRequest:
     request: Request
-    num_new_tokens: int
+    num_new_tokens: int  # including the draft's
+    num_draft: int = 0  # the request's draft tokens, computed after its known ones
 
     @property
     def samples(self) -> bool:
         """True when this step reaches the end of the request's known tokens."""
         r = self.request
-        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+        return r.num_computed_tokens + self.num_new_tokens - self.num_draft == r.num_tokens
 
 
 @dataclass(slots=True)
@@ -85,6 +86,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
+            k = self._fit_draft(req, n, budget)
             while not self._grow(req, req.num_computed_tokens + n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -92,8 +94,8 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                (singles if n == 1 else chunks).append(ScheduledRequest(req, n))
-                budget -= n
+                (singles if n + k == 1 else chunks).append(ScheduledRequest(req, n + k, k))
+                budget -= n + k
                 i += 1
 
         # Admit new work only when nothing had to be preempted: memory is tight otherwise.
@@ -124,17 +126,39 @@ class Scheduler:
         return out
 
     def advance(self, out: SchedulerOutput) -> None:
-        """Record that the scheduled tokens were computed; publish blocks that became full."""
+        """Record that the scheduled known tokens were computed. Draft tokens count only once
+        the engine confirms them (`confirm_draft`); until then their KV slots are scratch that
+        the next pass overwrites."""
         for s in out.scheduled:
-            req = s.request
-            req.num_computed_tokens += s.num_new_tokens
-            num_full = req.num_computed_tokens // self.block_size
-            self._extend_hashes(req, num_full)
-            for b in range(req.num_published_blocks, num_full):
-                self.pool.cache_block(req.block_ids[b], req.block_hashes[b])
-            req.num_published_blocks = max(req.num_published_blocks, num_full)
+            self._computed(s.request, s.num_new_tokens - s.num_draft)
+
+    def confirm_draft(self, req: Request, num_tokens: int) -> None:
+        """The last `num_tokens` tokens appended were the draft the last pass computed."""
+        self._computed(req, num_tokens)
 
     # --- helpers ------------------------------------------------------------------------
+    def _computed(self, req: Request, n: int) -> None:
+        """n more tokens have their KV in the cache; blocks that became full are published."""
+        req.num_computed_tokens += n
+        num_full = req.num_computed_tokens // self.block_size
+        self._extend_hashes(req, num_full)
+        for b in range(req.num_published_blocks, num_full):
+            self.pool.cache_block(req.block_ids[b], req.block_hashes[b])
+        req.num_published_blocks = max(req.num_published_blocks, num_full)
+
+    def _fit_draft(self, req: Request, n: int, budget: int) -> int:
+        """The request's draft tokens to compute this step: all of them after all of its known
+        tokens, in budget and in free blocks, or none (a draft never preempts anyone)."""
+        k = req.num_draft_tokens
+        remaining = req.num_tokens - req.num_computed_tokens
+        if k and (
+            n < remaining
+            or n + k > budget
+            or not self._grow(req, req.num_computed_tokens + n + k)
+        ):
+            req.draft, k = None, 0
+        return k
+
     def _grow(self, req: Request, num_tokens: int) -> bool:
         need = -(-num_tokens // self.block_size) - len(req.block_ids)
         if need <= 0:
@@ -174,5 +198,6 @@ class Scheduler:
     def _release(self, req: Request) -> None:
         self.pool.free(req.block_ids)
         req.block_ids = []
+        req.draft = None
         req.num_computed_tokens = 0
         req.num_published_blocks = 0

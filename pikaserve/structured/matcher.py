@@ -26,10 +26,12 @@ import numpy as np
 import torch
 from llguidance import LLMatcher
 
+from pikaserve.engine.constraint import Draft
 from pikaserve.structured.tokenizer_info import TokenizerInfo
 
 logger = logging.getLogger(__name__)
 
+MAX_DRAFT_CANDIDATES = 8  # drafts are guessed only among this few allowed tokens
 MAX_CANONICAL_CANDIDATES = 64  # canonical checks only where few tokens are allowed (~3 us each)
 CONTEXT_TOKENS = 3  # tokens of context for a canonical check
 MAX_PLAN = 256  # forced tokens computed at once (a plan continues after it is consumed)
@@ -102,21 +104,35 @@ def _numpy_ok(row: torch.Tensor) -> bool:
 
 
 class ExploreCache:
-    """What `_explore` found at each grammar state of one compiled grammar, shared by its
-    requests. A state is a pure function of the tokens consumed so far, so the token history
-    is the key: a repeated schema (Pika) finds its masks and canonical checks here."""
+    """What `_explore` found, and the draft, at each grammar state of one compiled grammar,
+    shared by its requests. A state is a pure function of the tokens consumed so far, so the
+    token history is the key: a repeated schema (Pika) finds its masks, canonical checks and
+    drafts here."""
 
-    __slots__ = ("entries", "limit")
+    __slots__ = ("entries", "drafts", "limit")
 
     def __init__(self, limit: int = 4096) -> None:
         self.entries: dict[tuple[int, ...], tuple[int | None, _Mask | None]] = {}
+        self.drafts: dict[tuple[int, ...], Draft | None] = {}
         self.limit = limit
+
+    @staticmethod
+    def key(history: list[int]) -> tuple[int, ...] | None:
+        return tuple(history) if len(history) <= MAX_CACHED_HISTORY else None
+
+    def store(self, table: dict, key: tuple[int, ...] | None, value) -> None:
+        if key is not None:
+            if len(table) >= self.limit:
+                table.clear()
+            table[key] = value
 
 
 class GrammarMatcher:
     """Implements the Constraint protocol for one request; used only by the engine thread."""
 
-    def __init__(self, matcher: LLMatcher, info: TokenizerInfo, cache: ExploreCache | None = None) -> None:
+    def __init__(
+        self, matcher: LLMatcher, info: TokenizerInfo, cache: ExploreCache | None = None
+    ) -> None:
         self._m = matcher  # has consumed every accepted token, then every token of _plan
         self._info = info
         self._cache = cache if cache is not None else ExploreCache()
@@ -139,11 +155,7 @@ class GrammarMatcher:
 
     def allowed_tokens(self) -> list[int] | None:
         plan = self._ensure_plan()
-        if plan:
-            return [plan[0]]
-        if self.error is not None or self._mask is None:
-            return list(self._info.eos_token_ids)
-        return None if self._mask.ids is None else self._mask.ids.tolist()
+        return [plan[0]] if plan else self._allowed_after_plan()
 
     def accept(self, token_ids: list[int]) -> None:
         for t in token_ids:
@@ -169,7 +181,51 @@ class GrammarMatcher:
     def is_finished(self) -> bool:
         return self.error is not None or (not self._plan and self._m.is_stopped())
 
+    def draft(self) -> Draft | None:
+        """At a choice among a few tokens, guesses the one whose forced tail is shortest but not
+        empty and does not end the answer: in an enum, the label ending here ("happy", not
+        "happy_2"), which is the common case. Free text and numbers get no draft."""
+        if self._ensure_plan() or self.error is not None or self._mask is None:
+            return None
+        ids = self._mask.ids
+        if ids is None or len(ids) > MAX_DRAFT_CANDIDATES:
+            return None
+        cache = self._cache
+        key = cache.key(self._consumed)
+        if key in cache.drafts:
+            return cache.drafts[key]
+        best: Draft | None = None
+        for t in ids.tolist():
+            if t in self._eos or self._info.is_special(t):
+                continue
+            guess = self._what_if(t)
+            if guess is not None and (best is None or len(guess.token_ids) < len(best.token_ids)):
+                best = guess
+        cache.store(cache.drafts, key, best)
+        return best
+
     # --- internals ----------------------------------------------------------------------
+    def _what_if(self, token: int) -> Draft | None:
+        """The draft starting with `token`, if it has a forced tail and leaves a choice after
+        it. Explored on a copy of the llguidance matcher; every field is restored after."""
+        saved = (self._m, self._planned, self._mask, len(self._consumed), self.error)
+        self._m = self._m.deep_copy()
+        try:
+            self.accept([token])
+            tail = list(self._ensure_plan())
+            if tail and self._planned and not self._m.is_stopped() and self.error is None:
+                return Draft([token, *tail], self._allowed_after_plan())
+            return None
+        finally:
+            self._m, self._planned, self._mask, num_consumed, self.error = saved
+            del self._consumed[num_consumed:]
+            self._plan.clear()
+
+    def _allowed_after_plan(self) -> list[int] | None:
+        if self.error is not None or self._mask is None:
+            return list(self._info.eos_token_ids)
+        return None if self._mask.ids is None else self._mask.ids.tolist()
+
     def _fail(self, why: str) -> None:
         detail = self._m.get_error().split("\n", 1)[0]
         self.error = f"{why}: {detail}" if detail else why
@@ -197,15 +253,13 @@ class GrammarMatcher:
         return plan
 
     def _explore_cached(self) -> int | None:
-        entries = self._cache.entries
-        key = tuple(self._consumed) if len(self._consumed) <= MAX_CACHED_HISTORY else None
-        hit = entries.get(key) if key is not None else None
+        cache = self._cache
+        key = cache.key(self._consumed)
+        hit = cache.entries.get(key) if key is not None else None
         if hit is None:
             hit = (self._explore(), self._mask)
-            if key is not None and self.error is None:
-                if len(entries) >= self._cache.limit:
-                    entries.clear()
-                entries[key] = hit
+            if self.error is None:
+                cache.store(cache.entries, key, hit)
         token, self._mask = hit
         return token
 

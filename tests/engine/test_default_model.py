@@ -57,6 +57,7 @@ def test_pika_new_turn_reuses_every_full_block_of_the_system_prompt(default_llm_
     shared = next(i for i, (a, b) in enumerate(zip(*ids)) if a != b)
     block = llm.engine.config.block_size
     assert shared > 300  # the fixed system prompt and template
+    assert llm.engine.pool.reset_prefix_cache()  # whatever earlier tests cached
     outs = llm.generate([pika_messages(turns[10])], params)
     outs = llm.generate([pika_messages(turns[11])], params)
     assert outs[0].num_cached_tokens == shared // block * block

@@ -1,8 +1,8 @@
 """Structured output through the engine on the default model (SmolLM2-135M-Instruct, CPU).
 
-The Pika answer is always valid and takes at most 3 forward passes once the system prompt is
-cached; fast-forward leaves greedy output unchanged; constrained and free requests batch
-together; bad specs raise InvalidRequestError and the engine serves on.
+The Pika answer is always valid and takes 2 forward passes once the system prompt is cached
+(more for a suffixed label); fast-forward leaves greedy output unchanged; constrained and free
+requests batch together; bad specs raise InvalidRequestError and the engine serves on.
 """
 
 from __future__ import annotations
@@ -30,6 +30,14 @@ LABELS = set(pika_answer_schema()["properties"]["emotion"]["enum"])
 # Four free choices (first label token, end-or-"_", "2"-or-"3", true-or-false) need four
 # sampled tokens: no tokenizer split merges them (see docs/structured_output.md).
 FOUR_CHOICE_LABELS = {"playful_2", "playful_3"}
+
+
+def max_passes(label: str) -> int:
+    """Passes a greedy Pika request may need with its system prompt cached: the prompt's pass
+    samples the first label token; the next computes a guess of the rest of the label (a
+    grammar draft) and samples the boolean after it. A wrong guess ("no" -> "isy", but the
+    answer is "no_problem") costs one more pass; two suffix choices one more again."""
+    return 4 if label in FOUR_CHOICE_LABELS else 3
 
 
 def pika(temperature: float = 0.0, seed: int | None = None) -> SamplingParams:
@@ -62,8 +70,10 @@ def fast_forward(llm, on: bool):
         config.structured_output_fast_forward = before
 
 
-def test_all_pika_turns_greedy_valid_in_at_most_three_passes(llm):
-    """One request at a time, system prompt cached: the engine's pass counter per request."""
+def test_all_pika_turns_greedy_valid_mostly_in_two_passes(llm):
+    """One request at a time, system prompt cached: the engine's pass counter per request.
+    Drafts guess right for most answers (37 of these 40 in float32)."""
+    two_passes = 0
     for i, turn in enumerate(pika_turns()):
         before = llm.engine.num_forward_passes
         out = llm.generate([pika_messages(turn)], pika())[0]
@@ -71,7 +81,9 @@ def test_all_pika_turns_greedy_valid_in_at_most_three_passes(llm):
         answer = check_pika(out.text)
         assert out.finish_reason == "stop"
         assert out.num_cached_tokens >= 300  # the system prompt came from the prefix cache
-        assert passes <= (4 if answer["emotion"] in FOUR_CHOICE_LABELS else 3), (i, out.text)
+        assert passes <= max_passes(answer["emotion"]), (i, out.text)
+        two_passes += passes == 2
+    assert two_passes >= 36
     assert llm.engine.pool_is_idle()
 
 
