@@ -7,6 +7,7 @@ and the rejected path run here, batched and alone, greedy and seeded.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -43,7 +44,7 @@ def prompts():
 def params(i: int, temperature: float = 0.0) -> SamplingParams:
     seed = i if temperature else None
     return SamplingParams(max_tokens=40, temperature=temperature, seed=seed,
-                          structured_outputs=SPECS[i % len(SPECS)])
+                          logprobs=2 if i % 2 else None, structured_outputs=SPECS[i % len(SPECS)])
 
 
 def run(llm: LLM, prompts, params_list, drafts: bool, monkeypatch) -> tuple[list, int, list]:
@@ -60,21 +61,41 @@ def run(llm: LLM, prompts, params_list, drafts: bool, monkeypatch) -> tuple[list
     before = llm.engine.num_forward_passes
     outs = llm.generate(prompts, params_list)
     assert llm.engine.pool_is_idle() and not llm.engine.has_unfinished_requests()
-    return [(o.token_ids, o.text, o.finish_reason) for o in outs], \
-        llm.engine.num_forward_passes - before, verdicts
+    results = [Result(o.token_ids, o.text, o.finish_reason,
+                      [(lp.token_id, [t for t, _ in lp.top]) for lp in o.logprobs],
+                      [lp.logprob for lp in o.logprobs]) for o in outs]
+    return results, llm.engine.num_forward_passes - before, verdicts
+
+
+@dataclass
+class Result:
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    sampled: list[tuple[int, list[int]]]  # each sampled token and its top alternatives
+    # their logprobs: rows computed in differently shaped passes differ in the last bits
+    logprobs: list[float] = field(compare=False)
+
+    def same_as(self, other: Result) -> bool:
+        return self == other and self.logprobs == pytest.approx(other.logprobs, abs=1e-4)
+
+
+def all_same(a: list[Result], b: list[Result]) -> bool:
+    return len(a) == len(b) and all(x.same_as(y) for x, y in zip(a, b))
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "seeded"])
 def test_drafts_leave_outputs_unchanged_alone_and_batched(llm, prompts, temperature, monkeypatch):
     ps = [params(i, temperature) for i in range(len(prompts))]
-    off, off_passes, _ = run(llm, prompts, ps, False, monkeypatch)
+    off, _, _ = run(llm, prompts, ps, False, monkeypatch)
     batched, _, verdicts = run(llm, prompts, ps, True, monkeypatch)
-    assert batched == off
+    assert all_same(batched, off)
     assert True in verdicts and False in verdicts  # both paths ran
+    assert any(r.sampled for r in off)  # logprobs were asked for and came back
     alone_passes = 0
     for p, q, want in zip(prompts, ps, off):
         got, passes, _ = run(llm, [p], [q], True, monkeypatch)
-        assert got == [want]
+        assert all_same(got, [want])
         alone_passes += passes
     assert alone_passes < sum(run(llm, [p], [q], False, monkeypatch)[1]
                               for p, q in zip(prompts, ps))
@@ -84,8 +105,8 @@ def test_max_tokens_inside_a_draft_cuts_the_same_way(llm, prompts, monkeypatch):
     for max_tokens in range(1, 16):
         ps = [SamplingParams(max_tokens=max_tokens, temperature=0, structured_outputs=PIKA)]
         ps = ps * len(prompts)
-        assert run(llm, prompts, ps, True, monkeypatch)[0] == \
-            run(llm, prompts, ps, False, monkeypatch)[0]
+        assert all_same(run(llm, prompts, ps, True, monkeypatch)[0],
+                        run(llm, prompts, ps, False, monkeypatch)[0])
 
 
 class WrongDrafts:
@@ -117,6 +138,6 @@ def test_rejected_drafts_leave_no_trace_in_the_kv_cache(llm, prompts, monkeypatc
     while engine.has_unfinished_requests():
         for out in engine.step():
             got.setdefault(out.request_id, []).extend(out.new_token_ids)
-    assert [got[f"wrong-{i}"] for i in range(len(prompts))] == [w[0] for w in want]
+    assert [got[f"wrong-{i}"] for i in range(len(prompts))] == [w.token_ids for w in want]
     assert engine.pool_is_idle()
-    assert run(llm, prompts, ps, True, monkeypatch)[0] == want
+    assert all_same(run(llm, prompts, ps, True, monkeypatch)[0], want)
