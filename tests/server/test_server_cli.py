@@ -53,8 +53,10 @@ def test_defaults_and_toggles():
     engine, server = cli.build_configs(parse([]))
     assert engine.model is None and engine.enable_prefix_caching and engine.enable_chunked_prefill
     assert (server.host, server.port) == ("127.0.0.1", 8000)
-    engine, _ = cli.build_configs(parse(["--no-enable-prefix-caching", "-tp", "1"]))
-    assert not engine.enable_prefix_caching
+    assert engine.structured_output_draft
+    engine, _ = cli.build_configs(parse(["--no-enable-prefix-caching", "-tp", "1",
+                                         "--no-structured-output-draft"]))
+    assert not engine.enable_prefix_caching and not engine.structured_output_draft
     engine, _ = cli.build_configs(parse(["some/model"]))
     assert engine.model == "some/model"
 
