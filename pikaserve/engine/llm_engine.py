@@ -160,7 +160,7 @@ class LLMEngine:
             if s.request.scheduled_time is None:
                 s.request.scheduled_time = now
         sampling = [s.request for s in out.scheduled if s.samples]
-        drafted = [s.request for s in out.scheduled if s.samples and s.num_draft]
+        drafted = [s.request for s in out.scheduled if s.num_draft]  # a draft always samples
         # the runner returns the drafts' rows after one row per sampling request
         drafts = {r.request_id: (len(sampling) + i, r.draft) for i, r in enumerate(drafted)}
         vocab_rows = self._allowed_vocab(sampling, [r.draft for r in drafted])
