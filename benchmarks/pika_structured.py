@@ -8,9 +8,10 @@
 Every request finds only the system prompt in the prefix cache, as a new turn of a running
 deployment does: the cache is reset and re-warmed with a turn outside the measured ones before
 each request (otherwise a turn's second mode would find the whole turn cached). Modes are
-interleaved turn by turn (rotating their order) so machine noise hits them alike. Per request: wall latency of LLM.generate,
-forward passes (engine.num_forward_passes), output tokens, whether the answer is valid, and the
-time spent in the grammar (mask, accept, forced tokens, drafts). Writes
+interleaved turn by turn (rotating their order) so machine noise hits them alike. Per
+request: wall latency of LLM.generate, forward passes (engine.num_forward_passes), output
+tokens, whether the answer is valid, and the time spent in the grammar (mask, accept, forced
+tokens, drafts). Writes
 benchmarks/results/pika_structured.json.
 
     python benchmarks/pika_structured.py [--turns 39] [--rounds 2] [--dtype auto] [--out PATH]
@@ -38,6 +39,8 @@ from pikaserve.structured.matcher import GrammarMatcher
 
 RESULTS = Path(__file__).parent / "results"
 SCHEMA = pika_answer_schema()
+TURNS = pika_turns()
+WARM_TURN = TURNS[-1]  # re-warms the system prompt before each request; never measured
 LABELS = set(SCHEMA["properties"]["emotion"]["enum"])
 MODES = ("unconstrained", "constrained_token_by_token", "constrained_fast_forward",
          "constrained_drafts")
@@ -81,7 +84,7 @@ def valid(text: str) -> bool:
 def warm_system_prompt_only(llm: LLM) -> None:
     if not llm.engine.pool.reset_prefix_cache():
         raise RuntimeError("a cached block is still in use: the engine is not idle")
-    llm.generate([pika_messages(pika_turns()[-1])], SamplingParams(max_tokens=1))
+    llm.generate([pika_messages(WARM_TURN)], SamplingParams(max_tokens=1))
 
 
 def run_one(llm: LLM, clock: GrammarClock, messages, mode: str) -> dict:
@@ -158,7 +161,7 @@ def main() -> None:
         build_constraint(spec, llm.tokenizer)
     compile_cached = (time.perf_counter() - start) / 100
 
-    turns = pika_turns()[: min(args.turns, len(pika_turns()) - 1)]  # the last one warms
+    turns = TURNS[: min(args.turns, len(TURNS) - 1)]
     for mode in MODES:  # warm the system prompt and every code path
         run_one(llm, clock, pika_messages(turns[0]), mode)
     rows: dict[str, list[dict]] = {m: [] for m in MODES}
