@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pikaserve.config import EngineConfig
 from pikaserve.engine.llm_engine import LLMEngine
 from pikaserve.engine.outputs import RequestOutput
+from pikaserve.engine.pooling_params import PoolingParams
 from pikaserve.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ class EngineDeadError(RuntimeError):
 class _Add:
     request_id: str
     token_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams | PoolingParams
     constraint: object | None
     stream: "_Stream"
 
@@ -58,6 +59,9 @@ class AsyncEngine:
         if self._load_error is not None:
             raise self._load_error
         self.tokenizer = self.engine.tokenizer
+        self.model_path = self.engine.model_path
+        self.model_config = self.engine.model_config
+        self.max_model_len = self.engine.max_model_len
         from pikaserve.structured import warm_up
 
         warm_up(self.tokenizer)  # index the vocabulary for grammars now, on a worker thread
@@ -67,16 +71,18 @@ class AsyncEngine:
         self,
         request_id: str,
         token_ids: Sequence[int],
-        params: SamplingParams,
+        params: SamplingParams | PoolingParams,
         constraint: object | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Yields one RequestOutput per engine step that produced something; aborts the
-        request if the caller stops iterating early (e.g. the client disconnected)."""
+        """Yields one RequestOutput per engine step that produced something (a pooling
+        request: just its finished one); aborts the request if the caller stops iterating
+        early (e.g. the client disconnected)."""
         if self._stopping.is_set():
             raise EngineDeadError("the engine is shutting down")
         token_ids = list(token_ids)
         self.engine.check_request(token_ids, params)  # raises InvalidRequestError here
-        if constraint is None and params.structured_outputs is not None:
+        if (constraint is None and isinstance(params, SamplingParams)
+                and params.structured_outputs is not None):
             # Compiled on a worker thread: a bad schema raises InvalidRequestError here, and
             # the engine loop never compiles.
             from pikaserve.structured import build_constraint_async

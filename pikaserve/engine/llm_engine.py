@@ -11,12 +11,15 @@ import logging
 import time
 from collections.abc import Sequence
 
+import torch
+
 from pikaserve.config import ConfigError, EngineConfig
 from pikaserve.engine.constraint import Draft
 from pikaserve.engine.detokenizer import IncrementalDetokenizer
 from pikaserve.engine.kv_cache import allocate_kv_cache
 from pikaserve.engine.model_runner import ModelRunner
 from pikaserve.engine.outputs import RequestOutput, TokenLogprob
+from pikaserve.engine.pooling_params import PoolingParams
 from pikaserve.engine.request import Request, RequestStatus
 from pikaserve.engine.sampler import Sampler
 from pikaserve.engine.sampling_params import SamplingParams
@@ -86,13 +89,21 @@ class LLMEngine:
         self,
         request_id: str,
         prompt: str | Sequence[int],
-        params: SamplingParams,
+        params: SamplingParams | PoolingParams,
         constraint: object | None = None,
     ) -> Request:
+        """Queues a request. With PoolingParams it is prefill-only: when its prompt has been
+        computed it finishes with the hidden states of its last prompt token (`pooled`)."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.check_request(token_ids, params)
+        if isinstance(params, PoolingParams):
+            detok = IncrementalDetokenizer(self.tokenizer, token_ids, [], False)
+            req = Request(request_id, token_ids, params, detok, frozenset())
+            self.requests[request_id] = req
+            self.scheduler.add(req)
+            return req
         if constraint is None and params.structured_outputs is not None:
             from pikaserve.structured import build_constraint  # offline path: compile here
 
@@ -117,7 +128,9 @@ class LLMEngine:
         self.scheduler.add(req)
         return req
 
-    def check_request(self, token_ids: list[int], params: SamplingParams) -> None:
+    def check_request(
+        self, token_ids: list[int], params: SamplingParams | PoolingParams
+    ) -> None:
         """Raises InvalidRequestError for a request that can never run; touches no state."""
         if not token_ids:
             raise InvalidRequestError("the prompt is empty", "prompt")
@@ -125,6 +138,13 @@ class LLMEngine:
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
         n = len(token_ids)
+        if isinstance(params, PoolingParams):
+            params.check(self.model_config.num_layers, n)
+            if n > self.max_model_len:
+                raise InvalidRequestError(
+                    f"the input has {n} tokens; this model's maximum context length is "
+                    f"{self.max_model_len}", "input")
+            return
         if n >= self.max_model_len:
             raise InvalidRequestError(
                 f"the prompt has {n} tokens; this model's maximum context length is "
@@ -159,13 +179,18 @@ class LLMEngine:
         for s in out.scheduled:
             if s.request.scheduled_time is None:
                 s.request.scheduled_time = now
-        sampling = [s.request for s in out.scheduled if s.samples]
+        sampling = [s.request for s in out.scheduled if s.samples and not s.request.is_pooling]
+        pooling = [s.request for s in out.scheduled if s.samples and s.request.is_pooling]
         drafted = [s.request for s in out.scheduled if s.num_draft]  # a draft always samples
         # the runner returns the drafts' rows after one row per sampling request
         drafts = {r.request_id: (len(sampling) + i, r.draft) for i, r in enumerate(drafted)}
         vocab_rows = self._allowed_vocab(sampling, [r.draft for r in drafted])
-        logits = self.runner.execute(out, vocab_rows)
+        logits, pooled = self.runner.execute(out, vocab_rows)
         self.scheduler.advance(out)
+        if pooled is not None:
+            pooled.keep()
+        if pooling:
+            ready += self._finish_pooling(pooling)
         if not sampling:
             return ready
         result = self.sampler(logits[: len(sampling)], sampling)
@@ -187,6 +212,30 @@ class LLMEngine:
             for req in sampling:
                 self._set_draft(req)
         return ready + list(outputs.values())
+
+    def _finish_pooling(self, reqs: list[Request]) -> list[RequestOutput]:
+        """Finishes pooling requests whose prompt is now computed. Each gets its states, or
+        its transform's result: one transform call per distinct transform per step."""
+        groups: dict[object, list[int]] = {}
+        for i, req in enumerate(reqs):
+            groups.setdefault(req.params.transform, []).append(i)
+        states = [r.params.span_states(torch.cat(r.pooled_states), r.num_tokens) for r in reqs]
+        pooled: list = [None] * len(reqs)
+        for transform, rows in groups.items():
+            mine = [states[i] for i in rows]
+            for i, result in zip(rows, mine if transform is None else transform(mine)):
+                pooled[i] = result
+        now = time.perf_counter()
+        outputs = []
+        for req, result in zip(reqs, pooled):
+            req.first_token_time = now
+            req.finish_reason = "stop"
+            self.scheduler.finish(req)
+            del self.requests[req.request_id]
+            out = self._output(req, [], [], finished=True)
+            out.pooled = result
+            outputs.append(out)
+        return outputs
 
     def _confirm_draft(self, req: Request, token: int, draft: Draft) -> bool:
         """True when the request went on exactly as its draft guessed (the sampled token, then

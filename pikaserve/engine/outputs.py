@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -24,6 +25,8 @@ class RequestOutput:
     num_cached_tokens: int  # prompt tokens served from the prefix cache
     num_output_tokens: int
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    # a pooling request's answer: its hidden states [L, H], or what its transform made of them
+    pooled: Any = None
     # seconds, from time.perf_counter(), for latency metrics
     arrival_time: float = 0.0
     scheduled_time: float | None = None

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from pikaserve.engine.pooling_params import PoolingParams
 from pikaserve.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -26,7 +27,7 @@ class RequestStatus(enum.Enum):
 class Request:
     request_id: str
     prompt_token_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams | PoolingParams  # PoolingParams: prefill only, no token sampled
     detokenizer: "IncrementalDetokenizer"
     eos_token_ids: frozenset[int]
     constraint: Any = None  # a structured-output matcher, or None
@@ -44,6 +45,7 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     logprobs: list[dict[str, Any]] = field(default_factory=list)
+    pooled_states: list[torch.Tensor] = field(default_factory=list)  # pooling: rows so far
     # timings (time.perf_counter)
     arrival_time: float = field(default_factory=time.perf_counter)
     scheduled_time: float | None = None
@@ -53,7 +55,7 @@ class Request:
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
-        if self.params.seed is not None:
+        if not self.is_pooling and self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
 
     @property
@@ -67,6 +69,18 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
+
+    @property
+    def is_pooling(self) -> bool:
+        return isinstance(self.params, PoolingParams)
+
+    @property
+    def num_reusable_tokens(self) -> int:
+        """Leading tokens whose KV may come from the prefix cache: all but the last (a step
+        must compute something), and none of a pooling span (its states are needed)."""
+        if self.is_pooling:
+            return self.params.first_pooled(self.num_tokens)
+        return self.num_tokens - 1
 
     @property
     def num_draft_tokens(self) -> int:

@@ -170,8 +170,7 @@ class Scheduler:
         return True
 
     def _reuse_prefix(self, req: Request) -> None:
-        # Keep at least one token to compute: the step must produce logits.
-        max_blocks = (req.num_tokens - 1) // self.block_size
+        max_blocks = req.num_reusable_tokens // self.block_size
         self._extend_hashes(req, max_blocks)
         cached = self.pool.match_prefix(req.block_hashes[:max_blocks])
         req.block_ids = cached
@@ -199,5 +198,6 @@ class Scheduler:
         self.pool.free(req.block_ids)
         req.block_ids = []
         req.draft = None
+        req.pooled_states = []  # recomputed with the rest
         req.num_computed_tokens = 0
         req.num_published_blocks = 0

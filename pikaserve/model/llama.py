@@ -142,12 +142,25 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
         logits_indices: torch.Tensor,  # [R] rows whose next-token logits are needed
         vocab_rows: torch.Tensor | None = None,  # [V'] the only tokens that can be chosen
-    ) -> torch.Tensor:
+        hidden_rows: torch.Tensor | None = None,  # [P] rows whose hidden states are returned
+        hidden_layers: tuple[int, ...] = (),  # which: 0 = embeddings, i = after layer i
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits [R, V] float32, hidden states [P, len(hidden_layers), H] float32 or None)."""
         x = self.embed_tokens(input_ids)
         cos_sin = self.rope(positions)
-        for layer, kv in zip(self.layers, kv_caches):
+        hidden = [] if hidden_rows is not None else None
+        for i, (layer, kv) in enumerate(zip(self.layers, kv_caches)):
+            if hidden is not None and i in hidden_layers:
+                hidden.append(x[hidden_rows].float())
             x = layer(x, cos_sin, kv, meta)
-        x = self.norm(x[logits_indices])
+        if hidden is not None and len(self.layers) in hidden_layers:
+            hidden.append(x[hidden_rows].float())
+        features = torch.stack(hidden, dim=1) if hidden is not None else None
+        return self._logits(self.norm(x[logits_indices]), vocab_rows), features
+
+    def _logits(self, x: torch.Tensor, vocab_rows: torch.Tensor | None) -> torch.Tensor:
+        if x.shape[0] == 0:  # a step of prefill-only (pooling) requests samples nothing
+            return x.new_empty((0, self.cfg.vocab_size), dtype=torch.float32)
         if vocab_rows is None:
             return self.lm_head(x).float()
         logits = torch.full((x.shape[0], self.cfg.vocab_size), float("-inf"), device=x.device)

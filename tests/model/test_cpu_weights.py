@@ -72,7 +72,8 @@ def prefill_logits(llm: LLM, prompt: list[int], **kw) -> torch.Tensor:
     )
     runner = llm.engine.runner
     ids, positions = torch.tensor(prompt), torch.arange(n)
-    return runner.model(ids, positions, runner.kv_caches, meta, torch.tensor([n - 1]), **kw)[0]
+    logits, _ = runner.model(ids, positions, runner.kv_caches, meta, torch.tensor([n - 1]), **kw)
+    return logits[0]
 
 
 def test_model_uses_int4_for_few_rows_and_agrees_with_bf16(tiny_gguf):
