@@ -1,4 +1,4 @@
-"""The `pikaserve` command: serve | generate | bench."""
+"""The `pikaserve` command: serve | generate | bench | heads."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from pikaserve import generate_cli
     from pikaserve.bench import cli as bench_cli
+    from pikaserve.heads import cli as heads_cli
     from pikaserve.server import cli as serve_cli
 
     serve_cli.add_parser(sub)
     generate_cli.add_parser(sub)
     bench_cli.add_parser(sub)
+    heads_cli.add_parser(sub)
 
     args = parser.parse_args(argv)
     logging.basicConfig(

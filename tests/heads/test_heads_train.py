@@ -1,0 +1,56 @@
+"""Training a head on a tiny random model, saving it, loading it back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pikaserve.engine.pooling_params import SpanStates
+from pikaserve.heads.head import ClassificationHead, HeadLoadError
+
+from .conftest import COLOURS, MARKER, SCHEMA, SYSTEM
+
+
+def test_training_separates_synthetic_labels(head_files):
+    _, _, out = head_files
+    head = ClassificationHead.load(out)
+    dev = head.info.training["dev_accuracy"]
+    assert dev["colour"] >= 0.95 and dev["loud"] >= 0.95, dev
+    assert head.info.schema == SCHEMA and head.info.system_prompt == SYSTEM
+    assert [f.labels for f in head.fields] == [tuple(COLOURS), (False, True)]
+    assert head.info.span_marker == MARKER and len(head.info.recipes) == 2
+
+
+def test_saved_head_reloads_to_identical_outputs(head_files, tmp_path):
+    _, _, out = head_files
+    head = ClassificationHead.load(out)
+    again = ClassificationHead.load(head.save(tmp_path / "copy"))
+    spans = [SpanStates(torch.randn(t, len(head.layers), head.info.hidden_size), t // 2)
+             for t in (1, 4, 9)]
+    for a, b in zip(head(spans), again(spans)):
+        for x, y in zip(a.logits, b.logits):
+            assert torch.equal(x, y)
+
+
+def test_missing_and_corrupt_files_are_clear_errors(head_files, tmp_path):
+    _, _, out = head_files
+    with pytest.raises(HeadLoadError, match="missing head.json"):
+        ClassificationHead.load(tmp_path)
+    bad = ClassificationHead.load(out).save(tmp_path / "bad")
+    (bad / "head.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(HeadLoadError, match="corrupt"):
+        ClassificationHead.load(bad)
+    bad = ClassificationHead.load(out).save(tmp_path / "bad2")
+    meta = json.loads((bad / "head.json").read_text())
+    meta["schema"]["properties"]["colour"] = {"type": "string"}
+    (bad / "head.json").write_text(json.dumps(meta))
+    with pytest.raises(HeadLoadError, match="cannot be answered"):
+        ClassificationHead.load(bad)
+    bad = ClassificationHead.load(out).save(tmp_path / "bad3")
+    meta = json.loads((bad / "head.json").read_text())
+    meta["hidden_size"] += 1
+    (bad / "head.json").write_text(json.dumps(meta))
+    with pytest.raises(HeadLoadError, match="expected shape"):
+        ClassificationHead.load(bad)
