@@ -110,6 +110,9 @@ class ServerConfig:
     # A JSON file: an OpenAI response_format object or a bare JSON Schema, attached to chat
     # requests that bring no response_format / structured_outputs of their own.
     default_response_format: str | None = None
+    # Classification heads to answer with: "NAME=DIR" or a built-in name ("pika"). A chat
+    # request whose JSON schema equals a head's schema is answered by it (docs/heads.md).
+    heads: list[str] = dataclasses.field(default_factory=list)
     max_request_body_bytes: int = 4 * 1024 * 1024  # larger bodies get HTTP 413
     trust_remote_code: bool = False  # accepted for vLLM compatibility; no model code ever runs
     uvicorn_log_level: str = "info"

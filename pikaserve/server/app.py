@@ -29,9 +29,10 @@ from pikaserve import __version__
 from pikaserve.config import EngineConfig, ServerConfig
 from pikaserve.engine.async_engine import AsyncEngine
 from pikaserve.errors import InvalidRequestError
+from pikaserve.heads.served import ServedHeads
 from pikaserve.model.loader import DEFAULT_MODEL_ID
 from pikaserve.server import openai_format as fmt
-from pikaserve.server import routes
+from pikaserve.server import pooling_routes, routes
 from pikaserve.server.asgi import ClientGone, HTTPError, error_response
 from pikaserve.server.metrics import CONTENT_TYPE, ServerMetrics
 
@@ -51,6 +52,7 @@ class ServerState:
     served_names: list[str]
     metrics: ServerMetrics
     default_response_format: dict[str, Any] | None = None
+    heads: ServedHeads = field(default_factory=lambda: ServedHeads({}))
     engine: AsyncEngine | None = None
     phase: str = "starting"  # starting | ready | stopping | failed
     texts: fmt.TokenTexts | None = None
@@ -59,6 +61,11 @@ class ServerState:
     @property
     def model_name(self) -> str:
         return self.served_names[0]
+
+    def check_heads(self, engine: AsyncEngine) -> None:
+        cfg = engine.model_config
+        self.heads.check_model(engine.model_path, engine.tokenizer, cfg.hidden_size,
+                               cfg.num_layers)
 
     def ready(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -122,23 +129,31 @@ def create_app(
     engine_config: EngineConfig | None = None,
     default_response_format: dict[str, Any] | None = None,
     on_load_failure: Callable[[BaseException], None] | None = None,
+    heads: ServedHeads | None = None,
 ) -> ASGIApp:
     """The ASGI app. Given `engine`, it serves it (and leaves shutting it down to the caller);
-    otherwise it loads one from `engine_config` in the background and owns it."""
+    otherwise it loads one from `engine_config` in the background and owns it. `heads` must
+    have been trained on the model: checked when it is ready, failing the start otherwise."""
     model = engine.engine.config.model if engine is not None else (
         engine_config.model if engine_config else None)
     names = served_names(config, model)
     holder: dict[str, AsyncEngine | None] = {"engine": engine}
     metrics = ServerMetrics(
         names[0], lambda: holder["engine"].engine if holder["engine"] is not None else None)
-    state = ServerState(config, names, metrics, default_response_format)
+    state = ServerState(config, names, metrics, default_response_format,
+                        heads or ServedHeads({}))
     if engine is not None:
+        state.check_heads(engine)
         state.ready(engine)
 
     async def load() -> None:
+        loaded = None
         try:
             loaded = await asyncio.to_thread(AsyncEngine, engine_config or EngineConfig())
+            state.check_heads(loaded)
         except Exception as exc:  # noqa: BLE001  # model missing or broken: cannot serve
+            if loaded is not None:
+                loaded.shutdown()
             state.phase = "failed"
             logger.error("could not load the model: %s", exc)
             if on_load_failure is not None:
@@ -176,6 +191,9 @@ def create_app(
             Route("/v1/chat/completions", api(routes.chat_completions), methods=["POST"]),
             Route("/v1/completions", api(routes.completions), methods=["POST"]),
             Route("/v1/models", api(routes.models), methods=["GET"]),
+            Route("/classify", api(pooling_routes.classify), methods=["POST"]),
+            Route("/v1/classify", api(pooling_routes.classify), methods=["POST"]),
+            Route("/v1/embeddings", api(pooling_routes.embeddings), methods=["POST"]),
             Route("/tokenize", api(routes.tokenize), methods=["POST"]),
             Route("/detokenize", api(routes.detokenize), methods=["POST"]),
             Route("/health", health, methods=["GET"]),

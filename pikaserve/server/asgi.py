@@ -101,15 +101,18 @@ class SSEResponse:
     stream that only writes would never notice its reader is gone.
     """
 
-    def __init__(self, body: Any, on_close: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, body: Any, on_close: Callable[[], Awaitable[None]] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         self.body = body
         self.on_close = on_close
+        self.headers = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"text/event-stream; charset=utf-8"),
             (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no"),
+            *self.headers,
         ]})
 
         async def pump() -> None:
@@ -126,7 +129,8 @@ class SSEResponse:
             if not task.done():
                 task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            await self.on_close()
+            if self.on_close is not None:
+                await self.on_close()
 
 
 def request_id(prefix: str) -> str:

@@ -26,14 +26,15 @@ logger = logging.getLogger(__name__)
 class Flag:
     name: str  # flag without dashes; also the YAML key (dashes or underscores)
     target: str  # "engine" | "server"
-    kind: str = "value"  # value | bool (store_true) | toggle (--x/--no-x) | list
+    kind: str = "value"  # value | bool (store_true) | toggle (--x/--no-x) | list | append
     type: Callable[[str], Any] = str
     help: str = ""
     aliases: tuple[str, ...] = ()
+    dest: str | None = None  # the config field, when not the flag's name
 
     @property
     def field(self) -> str:
-        return self.name.replace("-", "_")
+        return self.dest or self.name.replace("-", "_")
 
 
 FLAGS = (
@@ -73,6 +74,9 @@ FLAGS = (
     Flag("disable-log-requests", "server", "bool", help="no per-request log lines"),
     Flag("default-response-format", "server", help="JSON file: an OpenAI response_format or a "
          "bare JSON Schema, applied to chat requests that bring none"),
+    Flag("head", "server", "append", help="answer with a classification head: NAME=DIR "
+         "(from `pikaserve heads train`) or a built-in name (pika); repeatable",
+         dest="heads"),
     Flag("max-request-body-bytes", "server", type=int, help="larger bodies get 413 (4 MiB)"),
     Flag("trust-remote-code", "server", "bool", help="accepted; pikaserve never runs model code"),
     Flag("uvicorn-log-level", "server", help="critical|error|warning|info|debug|trace (info)"),
@@ -121,6 +125,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                            help=f.help)
         elif f.kind == "list":
             p.add_argument(*names, nargs="+", default=None, help=f.help)
+        elif f.kind == "append":
+            p.add_argument(*names, action="append", dest=f.field, default=None, help=f.help)
         else:
             p.add_argument(*names, type=f.type, default=None, help=f.help)
     for name in UNSUPPORTED:
@@ -159,7 +165,7 @@ def _yaml_value(flag: Flag, value: Any, path: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false")
         return value
-    if flag.kind == "list":
+    if flag.kind in ("list", "append"):
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
             raise ConfigError(f"{where} must be a string or a list of strings")
@@ -214,6 +220,9 @@ def run(args: argparse.Namespace) -> int:
         from pikaserve.server.sampling import load_default_response_format
 
         default_rf = load_default_response_format(server_config.default_response_format)
+        from pikaserve.heads.served import ServedHeads
+
+        heads = ServedHeads.load(server_config.heads)
     except ConfigError as exc:
         print(f"pikaserve serve: error: {exc}", file=sys.stderr)
         return 2
@@ -222,11 +231,11 @@ def run(args: argparse.Namespace) -> int:
     if engine_config.enforce_eager:
         logger.info("--enforce-eager accepted; pikaserve has no CUDA graphs yet")
     logger.info("model %s -> %s", engine_config.model or "(embedded default)", path)
-    return serve(engine_config, server_config, default_rf)
+    return serve(engine_config, server_config, default_rf, heads)
 
 
 def serve(engine_config: EngineConfig, server_config: ServerConfig,
-          default_response_format: dict[str, Any] | None = None) -> int:
+          default_response_format: dict[str, Any] | None = None, heads: Any = None) -> int:
     """Runs the server until SIGINT/SIGTERM; returns the process exit status."""
     from pikaserve.server.app import create_app
 
@@ -240,7 +249,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig,
 
     app = create_app(server_config, engine_config=engine_config,
                      default_response_format=default_response_format,
-                     on_load_failure=on_load_failure)
+                     on_load_failure=on_load_failure, heads=heads)
     config = uvicorn.Config(
         app, host=server_config.host, port=server_config.port,
         log_level=server_config.uvicorn_log_level,

@@ -94,11 +94,22 @@ class ServerMetrics:
                                          labels, registry=r).labels(model_name)
         self._success = Counter("pikaserve:request_success", "Requests that finished.",
                                 labels + ["finished_reason"], registry=r)
+        self._head_answers = Counter("pikaserve:head_answers",
+                                     "Requests answered by a classification head.",
+                                     labels + ["head"], registry=r)
         self.model_name = model_name
         r.register(_EngineCollector(get_engine, model_name))
 
     def success(self, finish_reason: str) -> None:
         self._success.labels(self.model_name, finish_reason).inc()
+
+    def head_answer(self, head: str, seconds: float, num_prompt_tokens: int) -> None:
+        """A request answered by a head: its latency is both time to first token and e2e."""
+        self._head_answers.labels(self.model_name, head).inc()
+        self.ttft.observe(seconds)
+        self.e2e.observe(seconds)
+        self.prompt_tokens.inc(num_prompt_tokens)
+        self.success("stop")
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

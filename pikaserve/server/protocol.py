@@ -120,3 +120,23 @@ class TokenizeRequest(_Body):
 class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[int]
+
+
+class ClassifyRequest(_Body):
+    """vLLM's /classify: `input` (one text or several) or chat `messages`. `model` names a
+    head, or the served model (then the first head answers)."""
+
+    model: str | None = None
+    input: str | list[str] | None = None
+    messages: list[ChatMessage] | None = None
+    user: str | None = None
+
+
+class EmbeddingRequest(_Body):
+    """OpenAI's /v1/embeddings."""
+
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None

@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from pikaserve.engine.sampling_params import SamplingParams
 from pikaserve.errors import InvalidRequestError
 from pikaserve.server import openai_format as fmt
+from pikaserve.server.pooling_routes import chat_by_head, chat_head
 from pikaserve.server.asgi import (
     ClientGone,
     HTTPError,
@@ -86,7 +87,11 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
     _check_model(state, req.model)
     engine = state.engine
     params = sampling_params(req, state.default_response_format)
-    token_ids = engine.tokenizer.encode_chat(chat_messages(req.messages))
+    messages = chat_messages(req.messages)
+    head = chat_head(state, req, params)
+    if head is not None:
+        return await chat_by_head(request, state, req, head, messages, params, arrival)
+    token_ids = engine.tokenizer.encode_chat(messages)
     rid = request_id("chatcmpl")
     _log(state, rid, len(token_ids), params, req.stream, req.user)
     gen = Generation(engine, rid, [(token_ids, p) for p in params], state.metrics, arrival)

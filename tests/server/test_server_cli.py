@@ -73,6 +73,17 @@ def test_yaml_config_with_flag_overrides(tmp_path):
     assert server.served_model_name == ["pika"] and server.api_key == "secret"
 
 
+def test_heads_from_flags_and_yaml(tmp_path):
+    _, server = cli.build_configs(parse(["--head", "pika", "--head", "intent=/heads/intent"]))
+    assert server.heads == ["pika", "intent=/heads/intent"]
+    path = tmp_path / "serve.yaml"
+    path.write_text("head: [pika, other=./dir]\n")
+    _, server = cli.build_configs(parse(["--config", str(path)]))
+    assert server.heads == ["pika", "other=./dir"]
+    path.write_text("head: pika\n")
+    assert cli.build_configs(parse(["--config", str(path)]))[1].heads == ["pika"]
+
+
 @pytest.mark.parametrize("text,message", [
     ("colour: blue\n", "unknown key 'colour'"),
     ("speculative-config: x\n", "does not implement yet"),
