@@ -74,6 +74,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-tokens", type=int, help="override every request's max_tokens")
     g.add_argument("--temperature", type=float, help="override every request's temperature")
     g.add_argument("--extra-body", type=_json_object, default={}, help="JSON object merged into every request body")
+    g.add_argument("--server-body", type=_json_object, nargs="+", default=[], metavar="JSON",
+                   help="one JSON object per server (--url, then each --compare), merged last into that server's requests")
 
     g = p.add_argument_group("load")
     g.add_argument("--concurrency", type=_list_of(int), default=None, help="closed loop: requests in flight; a list sweeps (1,2,4,8)")
@@ -130,6 +132,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         extra_body=args.extra_body,
+        server_bodies=tuple(args.server_body),
         points=points,
         arrival=Arrival(args.arrival),
         seed=args.seed,

@@ -82,6 +82,9 @@ class BenchConfig:
     max_tokens: int | None = None  # overrides the workload's max_tokens
     temperature: float | None = None  # overrides the workload's temperature
     extra_body: dict[str, object] = field(default_factory=dict)
+    # one per server, merged last: the same requests sent several ways (e.g. a floor with
+    # max_tokens 1 beside the full answer)
+    server_bodies: tuple[dict[str, object], ...] = ()
     # load
     points: tuple[LoadPoint, ...] = (LoadPoint(),)
     arrival: Arrival = Arrival.POISSON
@@ -110,6 +113,8 @@ class BenchConfig:
             raise ValueError("workload 'file' needs --dataset FILE.jsonl")
         if self.labels and len(self.labels) != len(self.urls):
             raise ValueError(f"{len(self.labels)} labels for {len(self.urls)} servers")
+        if self.server_bodies and len(self.server_bodies) != len(self.urls):
+            raise ValueError(f"{len(self.server_bodies)} server bodies for {len(self.urls)} servers")
         if len(self.models) not in (0, 1, len(self.urls)):
             raise ValueError(f"give one model for all servers or one per server, not {len(self.models)}")
         if self.num_requests is None and self.duration_s is None:

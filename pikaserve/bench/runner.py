@@ -110,6 +110,8 @@ class Runner:
     async def _send(self, server: int, index: int, request: BenchRequest, scheduled: float | None) -> RequestRecord:
         body = request.body(self.config.endpoint, self.targets[server].model)
         body.update(self._overrides)
+        if self.config.server_bodies:
+            body.update(self.config.server_bodies[server])
         record = await stream_request(
             self._clients[server], self.config.path, body, index=index, server=server, scheduled=scheduled, checker=request.checker
         )

@@ -92,6 +92,11 @@ class Workload:
         return self.requests[index % len(self.requests)]
 
 
+# Pika turns, in this order: the 40 unlabelled ones, then the labelled train and dev splits
+# (their labels are ignored here), so a run of up to ~1,000 requests sends no turn twice.
+PIKA_TURN_FILES = ("turns.jsonl", "train.jsonl", "dev.jsonl")
+
+
 def pika_workload(pika_dir: Path = PIKA, schema_form: str = "json_schema", max_tokens: int = PIKA_MAX_TOKENS, warmup: int = 0) -> Workload:
     """The Pika classifier: one request per turn, answers always checked against the schema.
 
@@ -101,7 +106,13 @@ def pika_workload(pika_dir: Path = PIKA, schema_form: str = "json_schema", max_t
     try:
         system = (pika_dir / "system_prompt.txt").read_text(encoding="utf-8")
         schema = json.loads((pika_dir / "answer.schema.json").read_text(encoding="utf-8"))
-        turns = [json.loads(line) for line in (pika_dir / "turns.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+        turns = [
+            json.loads(line)
+            for name in PIKA_TURN_FILES
+            if (pika_dir / name).is_file()
+            for line in (pika_dir / name).read_text(encoding="utf-8").splitlines()
+            if line.strip()
+        ]
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot read the Pika workload from {pika_dir}: {exc}") from None
     checker = make_checker(schema)
@@ -119,7 +130,8 @@ def pika_workload(pika_dir: Path = PIKA, schema_form: str = "json_schema", max_t
         )
         for turn in turns
     )
-    return Workload("pika", requests, tuple(requests[i % len(requests)] for i in range(warmup)))
+    # warm up on the last turns: the measured requests start at the first, so none repeats
+    return Workload("pika", requests, tuple(requests[-1 - i % len(requests)] for i in range(warmup)))
 
 
 def fit_text(rng: random.Random, target: int, count: TokenCounter | None) -> str:

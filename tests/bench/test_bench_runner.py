@@ -173,3 +173,19 @@ def test_compare_with_duration_gives_every_server_the_same_requests(fake_server:
     result = bench(a, b, num_requests=None, duration_s=0.2, round_size=2)
     counts = [run.metrics.requests for run in result.points[0].servers]
     assert counts[0] == counts[1] and counts[0] % 2 == 0 and counts[0] >= 2
+
+
+def test_server_bodies_apply_to_their_server_only(fake_server: Factory) -> None:
+    a, b = fake_server(slow(0.0)), fake_server(slow(0.0))
+    bench(a, b, num_requests=3, server_bodies=({}, {"max_tokens": 1, "response_format": {"type": "text"}}))
+    assert [r.body["max_tokens"] for r in a.completions()] == [2, 2, 2]
+    assert all(r.body["max_tokens"] == 1 and r.body["response_format"] == {"type": "text"} for r in b.completions())
+    with pytest.raises(ValueError, match="1 server bodies for 2 servers"):
+        BenchConfig(urls=(a.url, b.url), server_bodies=({},))
+
+
+def test_pika_turns_never_repeat_within_the_labelled_set(fake_server: Factory) -> None:
+    server = fake_server(lambda body: Plan(chunks=[(0.0, '{"emotion":"happy","learn_score":true}')], usage_tokens=9))
+    bench(server, workload="pika", num_requests=120, warmup=3, points=(LoadPoint(concurrency=8),))
+    turns = [user_text(r.body) for r in server.completions()]
+    assert len(turns) == 123 and len(set(turns)) == 123

@@ -11,6 +11,7 @@ import pytest
 from pikaserve.bench import validity
 from pikaserve.data import PIKA
 from pikaserve.bench.workloads import (
+    PIKA_TURN_FILES,
     BenchRequest,
     file_workload,
     fit_text,
@@ -30,8 +31,10 @@ def test_pika_requests_match_the_seed_request() -> None:
     seed = json.loads((PIKA / "seed_request.json").read_text(encoding="utf-8"))
     first_turn = json.loads((PIKA / "turns.jsonl").read_text(encoding="utf-8").splitlines()[0])
     w = pika_workload(PIKA, schema_form="none", warmup=3)
-    assert len(w.requests) == 40 and len(w.warmup) == 3
-    body = w.request(40).body("chat", "m")  # indices wrap around
+    n = sum(len((PIKA / f).read_text(encoding="utf-8").splitlines()) for f in PIKA_TURN_FILES)
+    assert len(w.requests) == n > 600 and len(w.warmup) == 3
+    assert w.warmup[0] is w.requests[-1]  # warm-up turns come from the end: none is measured
+    body = w.request(n).body("chat", "m")  # indices wrap around
     assert body["messages"][0] == seed["messages"][0]  # the system prompt, verbatim
     expected = "Previous Question: Tớ buồn quá.\nPrevious Answer: i think a yummy\nResponse to check: " + first_turn["response_to_check"]
     assert body["messages"][1]["content"] == expected
