@@ -72,6 +72,7 @@ class LLMEngine:
             config.max_num_seqs,
             config.max_num_batched_tokens,
             config.enable_chunked_prefill,
+            loaded.config.num_layers,
         )
         self.runner = ModelRunner(loaded.model, kv_caches, config.block_size, self.device)
         self.sampler = Sampler(loaded.config.vocab_size, config.seed, self.device)

@@ -105,6 +105,7 @@ class ModelRunner:
             None if vocab_rows is None else self._tensor(np.asarray(vocab_rows, dtype=np.int64)),
             self._tensor(np.asarray(hidden_rows, dtype=np.int64)) if hidden_rows else None,
             layers,
+            out.depth,
         )
         pooled = PooledStates(layers, hidden.cpu(), pooled_counts) if pooled_counts else None
         return logits, pooled

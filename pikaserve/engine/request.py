@@ -39,6 +39,7 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # hashes of full blocks, in order
     num_published_blocks: int = 0  # leading blocks already offered to the prefix cache
+    publish_limit: int | None = None  # tokens past this were computed shallow: never published
     num_cached_tokens: int = -1  # prompt tokens served from the prefix cache (set on first admit)
     num_preemptions: int = 0
     generator: torch.Generator | None = None

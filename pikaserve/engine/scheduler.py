@@ -36,6 +36,10 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)  # single-token rows first
     num_tokens: int = 0
     num_preempted: int = 0
+    # Run only this many decoder layers (None: all): a step of pooling requests that read no
+    # layer above it. Their KV of the layers above is never written, so what such a step
+    # computes is never published to the prefix cache.
+    depth: int | None = None
 
 
 class Scheduler:
@@ -45,8 +49,10 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         enable_chunked_prefill: bool,
+        num_layers: int,
     ) -> None:
         self.pool = pool
+        self.num_layers = num_layers
         self.block_size = pool.block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -123,6 +129,7 @@ class Scheduler:
 
         out.scheduled = singles + chunks
         out.num_tokens = self.max_num_batched_tokens - budget
+        out.depth = self._shallow_depth(out.scheduled)
         return out
 
     def advance(self, out: SchedulerOutput) -> None:
@@ -130,6 +137,8 @@ class Scheduler:
         the engine confirms them (`confirm_draft`); until then their KV slots are scratch that
         the next pass overwrites."""
         for s in out.scheduled:
+            if out.depth is not None and s.request.publish_limit is None:
+                s.request.publish_limit = s.request.num_computed_tokens
             self._computed(s.request, s.num_new_tokens - s.num_draft)
 
     def confirm_draft(self, req: Request, num_tokens: int) -> None:
@@ -140,11 +149,29 @@ class Scheduler:
     def _computed(self, req: Request, n: int) -> None:
         """n more tokens have their KV in the cache; blocks that became full are published."""
         req.num_computed_tokens += n
-        num_full = req.num_computed_tokens // self.block_size
+        publishable = req.num_computed_tokens
+        if req.publish_limit is not None:
+            publishable = min(publishable, req.publish_limit)
+        num_full = publishable // self.block_size
         self._extend_hashes(req, num_full)
         for b in range(req.num_published_blocks, num_full):
             self.pool.cache_block(req.block_ids[b], req.block_hashes[b])
         req.num_published_blocks = max(req.num_published_blocks, num_full)
+
+    def _shallow_depth(self, scheduled: list[ScheduledRequest]) -> int | None:
+        """The layers a step needs when it holds only pooling requests that read none of the
+        top layers and compute nothing before their span's block (a shared prefix, such as a
+        system prompt, is computed at full depth and so cached); None: all layers."""
+        depth = 0
+        for s in scheduled:
+            r = s.request
+            if not r.is_pooling:
+                return None
+            span_block = r.params.first_pooled(r.num_tokens) // self.block_size
+            if r.num_computed_tokens < span_block * self.block_size:
+                return None
+            depth = max(depth, *r.params.layers)
+        return depth if depth < self.num_layers else None
 
     def _fit_draft(self, req: Request, n: int, budget: int) -> int:
         """The request's draft tokens to compute this step: all of them after all of its known
@@ -199,5 +226,6 @@ class Scheduler:
         req.block_ids = []
         req.draft = None
         req.pooled_states = []  # recomputed with the rest
+        req.publish_limit = None
         req.num_computed_tokens = 0
         req.num_published_blocks = 0

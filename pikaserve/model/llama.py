@@ -144,18 +144,22 @@ class LlamaForCausalLM(nn.Module):
         vocab_rows: torch.Tensor | None = None,  # [V'] the only tokens that can be chosen
         hidden_rows: torch.Tensor | None = None,  # [P] rows whose hidden states are returned
         hidden_layers: tuple[int, ...] = (),  # which: 0 = embeddings, i = after layer i
+        depth: int | None = None,  # run only the first `depth` layers (then no logits)
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logits [R, V] float32, hidden states [P, len(hidden_layers), H] float32 or None)."""
         x = self.embed_tokens(input_ids)
         cos_sin = self.rope(positions)
         hidden = [] if hidden_rows is not None else None
-        for i, (layer, kv) in enumerate(zip(self.layers, kv_caches)):
+        for i, (layer, kv) in enumerate(zip(self.layers[:depth], kv_caches)):
             if hidden is not None and i in hidden_layers:
                 hidden.append(x[hidden_rows].float())
             x = layer(x, cos_sin, kv, meta)
-        if hidden is not None and len(self.layers) in hidden_layers:
+        num_run = len(self.layers) if depth is None else depth
+        if hidden is not None and num_run in hidden_layers:
             hidden.append(x[hidden_rows].float())
         features = torch.stack(hidden, dim=1) if hidden is not None else None
+        if depth is not None:
+            return x.new_empty((0, self.cfg.vocab_size), dtype=torch.float32), features
         return self._logits(self.norm(x[logits_indices]), vocab_rows), features
 
     def _logits(self, x: torch.Tensor, vocab_rows: torch.Tensor | None) -> torch.Tensor:

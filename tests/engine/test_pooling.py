@@ -4,6 +4,8 @@ of the requests batched with them unchanged."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -15,7 +17,7 @@ from pikaserve.llm import LLM
 
 from test_scheduling_equivalence import make_prompts
 
-LAYERS = (0, 2, 3)
+LAYERS = (0, 2, 3)  # 3 = the top layer of the tiny model: full depth
 PARAMS = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 
 
@@ -24,14 +26,15 @@ def model_dir(tiny_model_dir):
     return str(tiny_model_dir("llama"))
 
 
-def pool_all(engine: LLMEngine, prompts, spans) -> dict[int, torch.Tensor]:
+def pool_all(engine: LLMEngine, prompts, spans, layers=LAYERS) -> dict[int, torch.Tensor]:
     for i, (p, s) in enumerate(zip(prompts, spans)):
-        engine.add_request(f"p-{i}", p, PoolingParams(LAYERS, span_start=s))
+        engine.add_request(f"p-{i}", p, PoolingParams(layers, span_start=s))
     out = {}
     while engine.has_unfinished_requests():
         for o in engine.step():
-            assert o.finished and o.new_token_ids == [] and o.finish_reason == "stop"
-            out[int(o.request_id[2:])] = o.pooled.states
+            if o.request_id.startswith("p-"):
+                assert o.finished and o.new_token_ids == [] and o.finish_reason == "stop"
+                out[int(o.request_id[2:])] = o.pooled.states
     return out
 
 
@@ -104,3 +107,33 @@ def test_split_comes_back_relative_to_the_span(model_dir):
     engine.add_request("s", list(range(5, 25)), PoolingParams(LAYERS, span_start=5, span_split=8))
     out = [o for _ in range(2) for o in engine.step()]
     assert out[0].pooled.split == 3 and out[0].pooled.states.shape[0] == 15
+
+
+def test_steps_of_requests_reading_low_layers_run_only_those(model_dir):
+    """A head reading layers <= 2 of 3 skips the top layer once its shared prefix is cached;
+    the states are the full-depth ones, and nothing computed shallow reaches the prefix
+    cache: a generation over the same prompt afterwards is the same as on a fresh engine."""
+    rng = random.Random(11)
+    prefix = [rng.randrange(3, 400) for _ in range(30)]
+    prompts = [prefix + [rng.randrange(3, 400) for _ in range(12)] for _ in range(6)]
+    spans = [len(prefix)] * len(prompts)
+    full = LLM(model_dir, dtype="float32", block_size=1).engine
+    full.add_request("gen", [7, 8, 9], PARAMS)  # a sampling request keeps every step full depth
+    want = pool_all(full, prompts, spans, (1, 2))
+
+    llm = LLM(model_dir, dtype="float32", block_size=1)
+    depths = []
+    schedule = llm.engine.scheduler.schedule
+    llm.engine.scheduler.schedule = lambda: (out := schedule(), depths.append(out.depth))[0]
+    got = {}
+    for i, (p, s) in enumerate(zip(prompts, spans)):
+        got |= {i: pool_all(llm.engine, [p], [s], (1, 2))[0]}
+    assert depths and all(d == 2 for d in depths[1:])  # the first also computes the prefix
+    for i in want:
+        torch.testing.assert_close(got[i], want[i], rtol=1e-4, atol=1e-4)
+    alone = LLM(model_dir, dtype="float32").generate(prompts, PARAMS)
+    again = llm.generate(prompts, PARAMS)
+    assert [c.token_ids for c in again] == [c.token_ids for c in alone]
+    # the first ran full depth and published its whole prompt; the shallow ones only the prefix
+    assert again[0].num_cached_tokens > spans[0]
+    assert all(c.num_cached_tokens == s for c, s in zip(again[1:], spans[1:]))

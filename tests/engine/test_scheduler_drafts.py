@@ -20,7 +20,7 @@ def running(scheduler: Scheduler, *num_prompt: int) -> list[Request]:
 
 
 def test_a_draft_runs_after_the_known_tokens_and_counts_only_once_confirmed():
-    scheduler = Scheduler(BlockPool(8, 4, True), 8, 64, True)
+    scheduler = Scheduler(BlockPool(8, 4, True), 8, 64, True, 2)
     (req,) = running(scheduler, 6)
     req.draft = Draft([7, 8, 9], None)
     out = scheduler.schedule()
@@ -35,7 +35,7 @@ def test_a_draft_runs_after_the_known_tokens_and_counts_only_once_confirmed():
 
 
 def test_a_draft_that_does_not_fit_is_dropped():
-    scheduler = Scheduler(BlockPool(8, 4, True), 8, 3, True)  # a 3-token step budget
+    scheduler = Scheduler(BlockPool(8, 4, True), 8, 3, True, 2)  # a 3-token step budget
     (req,) = running(scheduler, 3)
     req.draft = Draft([7, 8, 9], None)
     (s,) = scheduler.schedule().scheduled
@@ -43,7 +43,7 @@ def test_a_draft_that_does_not_fit_is_dropped():
 
 
 def test_a_draft_never_preempts_another_request():
-    scheduler = Scheduler(BlockPool(4, 4, True), 8, 64, True)
+    scheduler = Scheduler(BlockPool(4, 4, True), 8, 64, True, 2)
     a, b = running(scheduler, 6, 2)  # 2 blocks and 1; one left
     a.draft = Draft([7, 8, 9, 10, 11, 12], None)  # would need 2 more
     out = scheduler.schedule()
