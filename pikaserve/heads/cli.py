@@ -31,6 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     t.add_argument("--dev", default=None, help="labelled JSONL to choose the recipe on "
                    "(default: --dev-fraction of --data)")
     t.add_argument("--dev-fraction", type=float, default=0.2)
+    t.add_argument("--refit-on-dev", action="store_true", help="once the recipe is chosen, "
+                   "train the head on the train and dev data together")
     t.add_argument("--schema", required=True, help="JSON Schema of the answer (object of "
                    "enum / boolean properties), or an OpenAI response_format file")
     t.add_argument("--system-prompt", default=None, help="text file: the system message "
@@ -73,7 +75,7 @@ def train(args: argparse.Namespace):
     from pikaserve.heads.fingerprint import tokenizer_fingerprint, weights_fingerprint
     from pikaserve.heads.head import HeadInfo, Recipe, span_prompt
     from pikaserve.heads.schema import schema_fields
-    from pikaserve.heads.train import fit, search, split_of
+    from pikaserve.heads.train import fit, joined, search, split_of
 
     schema = read_schema(args.schema)
     fields = schema_fields(schema)
@@ -118,10 +120,12 @@ def train(args: argparse.Namespace):
     info = dataclasses.replace(info, recipes=[t[-1].recipe for t in trials], training={
         "train_examples": len(train_split.labels[0]), "dev_examples": len(dev_split.labels[0]),
         "dev_accuracy": {f.name: t[-1].dev_accuracy for f, t in zip(fields, trials)},
+        "refit_on_dev": args.refit_on_dev,
         "seconds": round(time.perf_counter() - started, 1),
         "data": Path(args.data).name, "dtype": str(engine.dtype).removeprefix("torch."),
     })
-    return fit(info, train_split, args.seed), trials
+    final = joined(train_split, dev_split) if args.refit_on_dev else train_split
+    return fit(info, final, args.seed), trials
 
 
 def read_schema(path: str) -> dict:

@@ -4,8 +4,9 @@ The pooled parts of every candidate layer are extracted once (features.py); a ca
 is then a full-batch L-BFGS fit of a small classifier on an [N, D] matrix, well under a second
 on a CPU (L-BFGS rather than Adam: the linear case is convex, and it converges to the same
 answer every time). Each field is searched on its own, in stages rather than over a full grid:
-the best single layer, layer combinations around it, the pooled parts, then classifier width,
-class weighting and weight decay.
+the best single layer, layer combinations around it (and spread over the middle of the model),
+the pooled parts, then classifier width, class weighting and weight decay. A later trial wins
+only by more than one dev example, so the simpler recipe tried first keeps a tie.
 """
 
 from __future__ import annotations
@@ -116,8 +117,10 @@ def _search_field(info: HeadInfo, train: Split, dev: Split, index: int, fixed: d
             log(name, t)
         return t
 
+    margin = 1.5 / len(dev_f.labels[0])  # more than one dev example: not a coin flip
+
     def better(a: Trial, b: Trial) -> Trial:
-        return b if b.dev_accuracy > a.dev_accuracy else a
+        return b if b.dev_accuracy > a.dev_accuracy + margin else a
 
     num = max(train.layers)
     step = max(num // 8, 1)
@@ -125,8 +128,9 @@ def _search_field(info: HeadInfo, train: Split, dev: Split, index: int, fixed: d
     for k in range(2, 9):
         best = better(best, trial(layers=(min(num, max(1, round(num * k / 8))),)))
     b = best.recipe.layers[-1]
+    spread = tuple(round(num * k / 8) for k in range(2, 7))  # a quarter to three quarters
     for layers in ((b - step, b), (b, b + step), (b - step, b, b + step),
-                   (num // 2, 3 * num // 4, num)):
+                   (b - 2 * step, b - step, b, b + step), spread, (num // 2, 3 * num // 4, num)):
         layers = tuple(sorted({i for i in layers if 1 <= i <= num}))
         best = better(best, trial(layers=layers))
     for pooling in POOLINGS:
@@ -149,6 +153,11 @@ def _one_field(schema: dict, name: str) -> dict:
 def _class_weights(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     counts = torch.bincount(y, minlength=num_classes).float()
     return torch.where(counts > 0, len(y) / (num_classes * counts.clamp_min(1)), 0.0)
+
+
+def joined(a: Split, b: Split) -> Split:
+    return Split(torch.cat([a.parts, b.parts]), a.layers,
+                 [torch.cat([x, y]) for x, y in zip(a.labels, b.labels)])
 
 
 def split_of(parts: torch.Tensor, layers: Sequence[int], labels: list[list[int]],

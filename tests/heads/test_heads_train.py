@@ -54,3 +54,30 @@ def test_missing_and_corrupt_files_are_clear_errors(head_files, tmp_path):
     (bad / "head.json").write_text(json.dumps(meta))
     with pytest.raises(HeadLoadError, match="expected shape"):
         ClassificationHead.load(bad)
+
+
+def test_refit_on_dev_trains_on_both_splits(head_files, tmp_path):
+    from pikaserve.cli import main
+
+    model, d, _ = head_files
+    out = tmp_path / "refit"
+    argv = ["heads", "train", "--model", str(model), "--data", str(d / "train.jsonl"),
+            "--dev-fraction", "0.25", "--schema", str(d / "schema.json"), "--layers", "2",
+            "--pooling", "after", "--refit-on-dev", "--out", str(out), "--dtype", "float32"]
+    assert main(argv) == 0
+    head = ClassificationHead.load(out)
+    assert head.info.training["refit_on_dev"] and head.info.training["dev_examples"] == 22
+    assert [r.layers for r in head.info.recipes] == [(2,), (2,)]
+    assert [r.pooling for r in head.info.recipes] == ["after", "after"]
+
+
+def test_bad_training_input_is_a_clear_error(head_files, tmp_path, capsys):
+    from pikaserve.cli import main
+
+    model, d, _ = head_files
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input": "x", "colour": "purple", "loud": true}\n')
+    argv = ["heads", "train", "--model", str(model), "--data", str(bad), "--schema",
+            str(d / "schema.json"), "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert "colour='purple' is not one of the schema's labels" in capsys.readouterr().err
