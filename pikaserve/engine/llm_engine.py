@@ -94,7 +94,8 @@ class LLMEngine:
         constraint: object | None = None,
     ) -> Request:
         """Queues a request. With PoolingParams it is prefill-only: when its prompt has been
-        computed it finishes with the hidden states of its last prompt token (`pooled`)."""
+        computed it finishes with its span's hidden states, or its transform's result
+        (RequestOutput.pooled)."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)

@@ -120,7 +120,6 @@ class ModelRunner:
         return torch.from_numpy(a).to(self.device, non_blocking=True)
 
 
-
 @dataclass(slots=True)
 class PooledStates:
     """Hidden states of pooling requests' span rows from one pass: `counts` rows per request,

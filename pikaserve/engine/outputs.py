@@ -25,7 +25,7 @@ class RequestOutput:
     num_cached_tokens: int  # prompt tokens served from the prefix cache
     num_output_tokens: int
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    # a pooling request's answer: its hidden states [L, H], or what its transform made of them
+    # a pooling request's answer: its SpanStates, or what its transform made of them
     pooled: Any = None
     # seconds, from time.perf_counter(), for latency metrics
     arrival_time: float = 0.0

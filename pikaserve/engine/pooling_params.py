@@ -1,8 +1,9 @@
-"""Settings of a prefill-only request: hidden states at its last prompt token, no sampling.
+"""Settings of a prefill-only request: hidden states of a span of its prompt, no sampling.
 
 A classification head or an embedding is such a request: its prompt joins the continuous batch
 like any prefill (prefix cache and chunking apply), and when its last prompt token has been
-computed the engine hands back that row's hidden states instead of sampling a token.
+computed the engine hands back the span's hidden states (or what a transform makes of them)
+instead of sampling a token.
 """
 
 from __future__ import annotations

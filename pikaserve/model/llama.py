@@ -143,14 +143,14 @@ class LlamaForCausalLM(nn.Module):
         logits_indices: torch.Tensor,  # [R] rows whose next-token logits are needed
         vocab_rows: torch.Tensor | None = None,  # [V'] the only tokens that can be chosen
         hidden_rows: torch.Tensor | None = None,  # [P] rows whose hidden states are returned
-        hidden_layers: tuple[int, ...] = (),  # which: 0 = embeddings, i = after layer i
+        hidden_layers: tuple[int, ...] = (),  # sorted; 0 = embeddings, i = after layer i
         depth: int | None = None,  # run only the first `depth` layers (then no logits)
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logits [R, V] float32, hidden states [P, len(hidden_layers), H] float32 or None)."""
         x = self.embed_tokens(input_ids)
         cos_sin = self.rope(positions)
         hidden = [] if hidden_rows is not None else None
-        for i, (layer, kv) in enumerate(zip(self.layers[:depth], kv_caches)):
+        for i, (layer, kv) in enumerate(zip(self.layers, kv_caches[:depth])):
             if hidden is not None and i in hidden_layers:
                 hidden.append(x[hidden_rows].float())
             x = layer(x, cos_sin, kv, meta)

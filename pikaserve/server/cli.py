@@ -13,11 +13,14 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
 from pikaserve.config import ConfigError, EngineConfig, ServerConfig
+
+if TYPE_CHECKING:
+    from pikaserve.heads.served import ServedHeads
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +238,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def serve(engine_config: EngineConfig, server_config: ServerConfig,
-          default_response_format: dict[str, Any] | None = None, heads: Any = None) -> int:
+          default_response_format: dict[str, Any] | None = None,
+          heads: ServedHeads | None = None) -> int:
     """Runs the server until SIGINT/SIGTERM; returns the process exit status."""
     from pikaserve.server.app import create_app
 

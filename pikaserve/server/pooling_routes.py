@@ -3,7 +3,7 @@ chat requests whose JSON schema a head answers) and embeddings (/v1/embeddings).
 
 Each input is one pooling request in the engine's continuous batch (engine/pooling_params.py):
 its uncached prompt tokens are computed with whatever else is running, and the head or the
-embedding is applied on the engine thread to its last prompt token's hidden states.
+embedding is applied on the engine thread to the hidden states of its span.
 """
 
 from __future__ import annotations
@@ -59,13 +59,16 @@ async def pool(request: Request, state: ServerState, rid: str,
         finally:
             await gen.aclose()  # closing before the end aborts the engine request
 
+    tasks = [asyncio.ensure_future(one(i, ids, params)) for i, (ids, params) in enumerate(work)]
     try:
-        return await until_disconnect(request, asyncio.gather(
-            *(one(i, ids, params) for i, (ids, params) in enumerate(work))))
+        return await until_disconnect(request, asyncio.gather(*tasks))
     except (InvalidRequestError, ClientGone):
         raise
     except Exception as exc:
         raise HTTPError(*error_status(exc)) from exc
+    finally:  # one input failed or the client left: abort the others too
+        for task in tasks:
+            task.cancel()
 
 
 # --- /classify -------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pikaserve.heads.served import BUILTIN_HEADS, ServedHeads
 from pikaserve.server.app import create_app
 from pikaserve.server.sampling import load_default_response_format
 
-from .conftest import TEST_MODEL, ServerThread, free_port, metric_values, serve
+from .conftest import TEST_MODEL, ServerThread, free_port, metric_values, serve, wait_for
 
 pytestmark = pytest.mark.skipif(TEST_MODEL is not None,
                                 reason="the Pika head fits the default model only")
@@ -204,3 +204,11 @@ def test_serve_refuses_bad_heads_at_start(tmp_path):
     head.save(tmp_path / "tok")
     out = serve_with(f"tok={tmp_path / 'tok'}")
     assert out.returncode == 1 and "another tokenizer" in out.stderr
+
+
+def test_one_bad_input_fails_the_request_and_leaks_nothing(server, async_engine):
+    body = {"input": ["Response to check: yes!", "word " * 5000, "Response to check: no"]}
+    r = httpx.post(f"{server.url}/classify", json=body, timeout=120)
+    assert r.status_code == 400 and "maximum context length" in r.json()["error"]["message"]
+    assert wait_for(lambda: async_engine.engine.pool_is_idle()
+                    and not async_engine.engine.has_unfinished_requests())
