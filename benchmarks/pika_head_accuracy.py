@@ -16,7 +16,7 @@ Reported per writer and on average: emotion exact-label accuracy, emotion family
 label without its _2/_3 suffix) and learn_score accuracy. Writes
 benchmarks/results/pika_head_accuracy.json.
 
-    python benchmarks/pika_head_accuracy.py [--out PATH]
+    python benchmarks/pika_head_accuracy.py [--head DIR] [--out PATH]
 """
 
 from __future__ import annotations
@@ -77,10 +77,12 @@ def mean(rows: list[dict[str, float]]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--head", type=Path, default=BUILTIN_HEADS["pika"],
+                        help="a head folder (default: the built-in Pika head)")
     parser.add_argument("--out", type=Path, default=RESULTS / "pika_head_accuracy.json")
     args = parser.parse_args()
 
-    head = ClassificationHead.load(BUILTIN_HEADS["pika"])
+    head = ClassificationHead.load(args.head)
     data = [load_labelled(PIKA / f, head.fields, pika_system_prompt()) for f in FILES]
     messages = [m for d in data for m in d.messages]
     labels = [a + b for a, b in zip(data[0].labels, data[1].labels)]

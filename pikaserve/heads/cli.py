@@ -41,6 +41,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     t.add_argument("--span-marker", default=None, help="pool the prompt's tokens after the "
                    "last occurrence of this text (default: the last message's content)")
     t.add_argument("--layers", default=None, help="fix the layers, e.g. 16 or 12,20")
+    t.add_argument("--max-layer", type=int, default=None, help="search no layer above this: "
+                   "steps of head requests then skip the layers above (shallow passes)")
     t.add_argument("--pooling", choices=POOLINGS, default=None, help="fix the pooling")
     t.add_argument("--hidden-units", type=int, default=None, help="fix the classifier: 0 = "
                    "linear, N = one hidden layer of N units")
@@ -114,9 +116,12 @@ def train(args: argparse.Namespace):
         tokenizer_fingerprint=tokenizer_fingerprint(tok),
         hidden_size=engine.model_config.hidden_size, model_name=engine.model_path.name,
     )
+    if args.max_layer is not None and not 1 <= args.max_layer <= layers[-1]:
+        raise ConfigError(f"--max-layer must be in [1, {layers[-1]}]")
     trials = search(info, train_split, dev_split, _fixed(args),
                     log=lambda name, t: logger.info("%s: %s -> dev %.3f", name,
-                                                    t.recipe.describe(), t.dev_accuracy))
+                                                    t.recipe.describe(), t.dev_accuracy),
+                    max_layer=args.max_layer)
     info = dataclasses.replace(info, recipes=[t[-1].recipe for t in trials], training={
         "train_examples": len(train_split.labels[0]), "dev_examples": len(dev_split.labels[0]),
         "dev_accuracy": {f.name: t[-1].dev_accuracy for f, t in zip(fields, trials)},

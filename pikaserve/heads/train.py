@@ -90,15 +90,18 @@ def accuracy(head: ClassificationHead, split: Split) -> list[float]:
 
 
 def search(info: HeadInfo, train: Split, dev: Split, fixed: dict | None = None,
-           log: Callable[[str, Trial], None] | None = None) -> list[list[Trial]]:
+           log: Callable[[str, Trial], None] | None = None, max_layer: int | None = None
+           ) -> list[list[Trial]]:
     """Per field, the trials of a staged recipe search, best last. `fixed` pins recipe
-    fields for every field (e.g. {"layers": (20,)}), which the search then leaves alone."""
-    return [_search_field(info, train, dev, i, fixed or {}, log)
+    fields for every field (e.g. {"layers": (20,)}), which the search then leaves alone;
+    `max_layer` bounds the layers it tries."""
+    return [_search_field(info, train, dev, i, fixed or {}, log, max_layer)
             for i in range(len(info.recipes))]
 
 
 def _search_field(info: HeadInfo, train: Split, dev: Split, index: int, fixed: dict,
-                  log: Callable[[str, Trial], None] | None) -> list[Trial]:
+                  log: Callable[[str, Trial], None] | None, max_layer: int | None
+                  ) -> list[Trial]:
     name = schema_fields(info.schema)[index].name
     one = dataclasses.replace(info, schema=_one_field(info.schema, name))
     sub = lambda s: Split(s.parts, s.layers, [s.labels[index]])  # noqa: E731
@@ -122,7 +125,7 @@ def _search_field(info: HeadInfo, train: Split, dev: Split, index: int, fixed: d
     def better(a: Trial, b: Trial) -> Trial:
         return b if b.dev_accuracy > a.dev_accuracy + margin else a
 
-    num = max(train.layers)
+    num = max(train.layers) if max_layer is None else min(max(train.layers), max_layer)
     step = max(num // 8, 1)
     best = trial(layers=(num // 2,))
     for k in range(2, 9):
@@ -131,7 +134,7 @@ def _search_field(info: HeadInfo, train: Split, dev: Split, index: int, fixed: d
     spread = tuple(round(num * k / 8) for k in range(2, 7))  # a quarter to three quarters
     for layers in ((b - step, b), (b, b + step), (b - step, b, b + step),
                    (b - 2 * step, b - step, b, b + step), spread, (num // 2, 3 * num // 4, num)):
-        layers = tuple(sorted({i for i in layers if 1 <= i <= num}))
+        layers = tuple(sorted({i for i in layers if 0 <= i <= num}))
         best = better(best, trial(layers=layers))
     for pooling in POOLINGS:
         best = better(best, trial(layers=best.recipe.layers, pooling=pooling))

@@ -81,3 +81,15 @@ def test_bad_training_input_is_a_clear_error(head_files, tmp_path, capsys):
             str(d / "schema.json"), "--out", str(tmp_path / "o")]
     assert main(argv) == 2
     assert "colour='purple' is not one of the schema's labels" in capsys.readouterr().err
+
+
+def test_max_layer_bounds_the_search(head_files, tmp_path):
+    from pikaserve.cli import main
+
+    model, d, _ = head_files
+    out = tmp_path / "low"
+    argv = ["heads", "train", "--model", str(model), "--data", str(d / "train.jsonl"),
+            "--dev", str(d / "dev.jsonl"), "--schema", str(d / "schema.json"),
+            "--max-layer", "1", "--out", str(out), "--dtype", "float32"]
+    assert main(argv) == 0
+    assert max(ClassificationHead.load(out).layers) <= 1
