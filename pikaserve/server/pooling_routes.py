@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,7 @@ from pikaserve.server.sampling import chat_messages
 if TYPE_CHECKING:
     from pikaserve.server.app import ServerState
 
+logger = logging.getLogger("pikaserve.requests")  # the per-request log of routes.py
 MAX_INPUTS = 1024
 HEAD_HEADER = "x-pikaserve-head"
 
@@ -170,6 +172,9 @@ async def chat_by_head(request: Request, state: ServerState, req: ChatCompletion
     out = (await pool(request, state, rid, [_head_work(head, state.engine.tokenizer,
                                                        messages)]))[0]
     state.metrics.head_answer(name, time.perf_counter() - arrival, out.num_prompt_tokens)
+    if not state.config.disable_log_requests:
+        logger.info("%s: prompt_tokens=%d n=%d answered by head %s stream=%s", rid,
+                    out.num_prompt_tokens, len(params), name, req.stream)
     choices = [_head_choice(i, render_answer(head.fields, pick_labels(out.pooled, p)), p, out,
                             state.engine.tokenizer) for i, p in enumerate(params)]
     created = int(time.time())
