@@ -57,10 +57,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run_train(args: argparse.Namespace) -> int:
     from pikaserve.heads.data import DataError
     from pikaserve.heads.schema import HeadSchemaError
+    from pikaserve.model.checkpoint import ModelLoadError
 
     try:
         head, trials = train(args)
-    except (ConfigError, DataError, HeadSchemaError, OSError) as exc:
+    except (ConfigError, DataError, HeadSchemaError, ModelLoadError, OSError) as exc:
         print(f"pikaserve heads train: error: {exc}", file=sys.stderr)
         return 2
     out = head.save(args.out)
@@ -96,6 +97,8 @@ def train(args: argparse.Namespace):
 
     engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, seed=args.seed))
     layers = tuple(range(engine.model_config.num_layers + 1))
+    if args.max_layer is not None and not 1 <= args.max_layer <= layers[-1]:
+        raise ConfigError(f"--max-layer must be in [1, {layers[-1]}]")
     started = time.perf_counter()
     tok = engine.tokenizer
 
@@ -116,8 +119,6 @@ def train(args: argparse.Namespace):
         tokenizer_fingerprint=tokenizer_fingerprint(tok),
         hidden_size=engine.model_config.hidden_size, model_name=engine.model_path.name,
     )
-    if args.max_layer is not None and not 1 <= args.max_layer <= layers[-1]:
-        raise ConfigError(f"--max-layer must be in [1, {layers[-1]}]")
     trials = search(info, train_split, dev_split, _fixed(args),
                     log=lambda name, t: logger.info("%s: %s -> dev %.3f", name,
                                                     t.recipe.describe(), t.dev_accuracy),
