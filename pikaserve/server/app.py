@@ -62,6 +62,13 @@ class ServerState:
     def model_name(self) -> str:
         return self.served_names[0]
 
+    def check_model(self, model: str | None, also: list[str] | None = None) -> None:
+        """404 unless `model` is None, a served name, or one of `also` (e.g. head names)."""
+        names = self.served_names + (also or [])
+        if model is not None and model not in names:
+            raise HTTPError(404, f"the model {model!r} does not exist; this server serves "
+                            f"{', '.join(names)}", "model", "model_not_found")
+
     def check_heads(self, engine: AsyncEngine) -> None:
         cfg = engine.model_config
         self.heads.check_model(engine.model_path, engine.tokenizer, cfg.hidden_size,

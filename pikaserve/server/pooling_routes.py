@@ -79,14 +79,8 @@ def _head_for(state: ServerState, model: str | None) -> tuple[str, Classificatio
     if not heads:
         raise HTTPError(400, "this server has no classification head; start it with "
                         "--head NAME=DIR (or --head pika)", "model")
-    if model is None or model in state.served_names:
-        name = heads.names[0]
-    elif model in heads.names:
-        name = model
-    else:
-        raise HTTPError(404, f"the model {model!r} does not exist; this server serves "
-                        f"{', '.join(state.served_names + heads.names)}", "model",
-                        "model_not_found")
+    state.check_model(model, heads.names)
+    name = model if model in heads.names else heads.names[0]
     return name, heads.get(name)
 
 
@@ -120,9 +114,8 @@ async def classify(request: Request, state: ServerState) -> Response:
                               "num_classes": len(probs)}
         first = fields[head.fields[0].name]
         data.append({"index": i, **first, "fields": fields})
-    n_prompt = sum(o.num_prompt_tokens for o in outs)
     body = {"id": rid, "object": "list", "created": int(time.time()), "model": name,
-            "data": data, "usage": _usage(outs, n_prompt)}
+            "data": data, "usage": _usage(outs)}
     return JSONResponse(body, headers={HEAD_HEADER: name})
 
 
@@ -132,7 +125,8 @@ def _head_work(head: ClassificationHead, tokenizer, messages: list[dict]
     return ids, PoolingParams(head.layers, head, start, split)
 
 
-def _usage(outs: list[RequestOutput], n_prompt: int) -> dict:
+def _usage(outs: list[RequestOutput]) -> dict:
+    n_prompt = sum(o.num_prompt_tokens for o in outs)
     return {"prompt_tokens": n_prompt, "total_tokens": n_prompt, "completion_tokens": 0,
             "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outs)}}
 
@@ -218,9 +212,7 @@ def _head_choice(index: int, text: str, params: SamplingParams, out: RequestOutp
 async def embeddings(request: Request, state: ServerState) -> Response:
     req: EmbeddingRequest = await read_json(request, EmbeddingRequest,
                                             state.config.max_request_body_bytes)
-    if req.model is not None and req.model not in state.served_names:
-        raise HTTPError(404, f"the model {req.model!r} does not exist; this server serves "
-                        f"{', '.join(state.served_names)}", "model", "model_not_found")
+    state.check_model(req.model)
     tok = state.engine.tokenizer
     inp = req.input
     if isinstance(inp, str):

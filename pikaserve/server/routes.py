@@ -44,12 +44,6 @@ logger = logging.getLogger("pikaserve.requests")
 MAX_ENGINE_REQUESTS = 1024  # prompts x n in one API request
 
 
-def _check_model(state: ServerState, model: str | None) -> None:
-    if model is not None and model not in state.served_names:
-        raise HTTPError(404, f"the model {model!r} does not exist; this server serves "
-                        f"{', '.join(state.served_names)}", "model", "model_not_found")
-
-
 async def _run(request: Request, gen: Generation, stream: bool, sse_body,
                build) -> Response:
     """Shared tail of both completion routes: start, then stream or collect."""
@@ -84,7 +78,7 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
     arrival = time.perf_counter()
     req: ChatCompletionRequest = await read_json(
         request, ChatCompletionRequest, state.config.max_request_body_bytes)
-    _check_model(state, req.model)
+    state.check_model(req.model)
     engine = state.engine
     params = sampling_params(req, state.default_response_format)
     messages = chat_messages(req.messages)
@@ -110,7 +104,7 @@ async def completions(request: Request, state: ServerState) -> Response:
     arrival = time.perf_counter()
     req: CompletionRequest = await read_json(
         request, CompletionRequest, state.config.max_request_body_bytes)
-    _check_model(state, req.model)
+    state.check_model(req.model)
     engine = state.engine
     params = sampling_params(req)
     prompts = _prompts(req.prompt, engine.tokenizer)
@@ -158,7 +152,7 @@ async def models(request: Request, state: ServerState) -> Response:
 async def tokenize(request: Request, state: ServerState) -> Response:
     req: TokenizeRequest = await read_json(
         request, TokenizeRequest, state.config.max_request_body_bytes)
-    _check_model(state, req.model)
+    state.check_model(req.model)
     tok = state.engine.tokenizer
     if (req.prompt is None) == (req.messages is None):
         raise InvalidRequestError("give exactly one of prompt or messages", "prompt")
@@ -177,7 +171,7 @@ async def tokenize(request: Request, state: ServerState) -> Response:
 async def detokenize(request: Request, state: ServerState) -> Response:
     req: DetokenizeRequest = await read_json(
         request, DetokenizeRequest, state.config.max_request_body_bytes)
-    _check_model(state, req.model)
+    state.check_model(req.model)
     vocab = state.engine.engine.model_config.vocab_size
     if any(not 0 <= t < vocab for t in req.tokens):
         raise InvalidRequestError(f"token ids must be in [0, {vocab})", "tokens")
