@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "half", "float", "bf16", "fp16", "fp32")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
 
 class ConfigError(ValueError):
@@ -45,13 +47,21 @@ class EngineConfig:
     # With fast-forward: where a grammar leaves a few choices, guess one and compute it and the
     # tokens forced after it in the same pass; a right guess saves a pass (engine/constraint.py).
     structured_output_draft: bool = True
+    # auto: the model dtype. fp8 (= fp8_e4m3): half the KV memory, CUDA with fp8 support only;
+    # values are stored unscaled (scale 1), like vLLM without calibrated scales.
     kv_cache_dtype: str = "auto"
+    # auto: triton on CUDA (paged attention + fused kernels, attention/triton_backend.py),
+    # torch elsewhere; triton on a CPU runs only under TRITON_INTERPRET=1 (tests).
+    attention_backend: str = "auto"
     quantization: str | None = None  # None: as stored; "gguf": the quantized .gguf file as is
     # CPU + bfloat16: passes of at most this many rows multiply by a Q4 GGUF's 4-bit weights
     # directly (memory-bound, ~4x fewer bytes); bigger ones by the dequantized copy. 0: never.
     int4_max_rows: int = 12
     tensor_parallel_size: int = 1  # only 1 so far
-    enforce_eager: bool = False  # accepted; there are no CUDA graphs to turn off yet
+    # CUDA: steps of up to this many tokens replay a captured CUDA graph (engine/cuda_graphs.py,
+    # sizes 1, 2, 4, ... up to it); enforce_eager turns graphs off.
+    max_cudagraph_capture_size: int = 512
+    enforce_eager: bool = False
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
@@ -74,11 +84,18 @@ class EngineConfig:
             raise ConfigError("kv_cache_memory_bytes must be positive")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError("max_model_len must be >= 1")
-        if self.kv_cache_dtype not in ("auto",):
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(
-                f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported yet; "
-                "the KV cache uses the model dtype ('auto')"
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; "
+                f"got {self.kv_cache_dtype!r}"
             )
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(
+                f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}; "
+                f"got {self.attention_backend!r}"
+            )
+        if self.max_cudagraph_capture_size < 1:
+            raise ConfigError("max_cudagraph_capture_size must be >= 1")
         if self.quantization not in (None, "gguf"):
             raise ConfigError(
                 f"quantization {self.quantization!r} is not supported yet; only 'gguf' "

@@ -63,6 +63,21 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def resolve_kv_cache_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """None for auto (the model dtype). fp8: e4m3, on CUDA GPUs that convert to it natively
+    (compute capability 8.9+: Ada, Hopper and later)."""
+    if name == "auto":
+        return None
+    if device.type != "cuda":
+        raise ConfigError(f"an fp8 KV cache needs a CUDA GPU; this engine runs on {device.type}")
+    if torch.cuda.get_device_capability(device) < (8, 9):
+        raise ConfigError(
+            f"an fp8 KV cache needs compute capability 8.9+; {torch.cuda.get_device_name(device)} "
+            f"has {'.'.join(map(str, torch.cuda.get_device_capability(device)))}"
+        )
+    return torch.float8_e4m3fn
+
+
 def configure_threads(config: EngineConfig, device: torch.device) -> None:
     if device.type == "cpu":
         torch.set_num_threads(config.num_threads or default_num_threads())

@@ -10,6 +10,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny_models.py for every test package
 
 from tiny_models import make_tiny_model  # noqa: E402
+from triton_interpreter import interpret_without_cuda  # noqa: E402
+
+interpret_without_cuda()  # before any kernel module is imported
 
 TINY_KINDS = ("llama", "qwen2", "qwen3")
 

@@ -1,6 +1,6 @@
-"""What one forward pass needs to know about where each token's keys and values live.
+"""The torch backend's attention metadata: where each token's keys and values live.
 
-Built by the model runner for every step and passed to the model explicitly: no global context.
+Built from the step's BatchLayout (TorchBackend.metadata) and passed to the model explicitly.
 Tokens are laid out flat, single-token (decode) rows first, then multi-token chunks.
 """
 

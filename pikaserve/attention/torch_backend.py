@@ -7,10 +7,63 @@ rows are batched into one masked attention; multi-token chunks run one SDPA call
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pikaserve.attention.layout import BatchLayout
 from pikaserve.attention.metadata import AttentionMetadata, ChunkSequence
+
+
+class TorchBackend:
+    name = "torch"
+    uses_fused_kernels = False
+    supports_cuda_graphs = False  # per-chunk Python calls and masks sized by the step
+
+    def layer(self, num_heads: int, num_kv_heads: int, head_dim: int) -> "TorchPagedAttention":
+        return TorchPagedAttention(num_heads, num_kv_heads, head_dim)
+
+    def metadata(
+        self, layout: BatchLayout, device: torch.device, dtype: torch.dtype
+    ) -> AttentionMetadata:
+        def tensor(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a).to(device, non_blocking=True)
+
+        nd = layout.num_decodes
+        chunks = []
+        for start, n, ctx, table in zip(
+            layout.query_starts[nd:], layout.query_lens[nd:], layout.context_lens[nd:],
+            layout.block_tables[nd:],
+        ):
+            mask = None
+            if ctx > n:  # row i sees the cached tokens and the chunk's first i + 1
+                pos = np.arange(ctx - n, ctx)
+                allowed = np.arange(ctx)[None, :] <= pos[:, None]
+                # additive (0 / -inf) in the model dtype: SDPA's CPU kernel takes it ~5%
+                # faster than a boolean mask it would convert in every layer
+                bias = np.where(allowed, np.float32(0), np.float32("-inf"))
+                mask = torch.from_numpy(bias).to(device, dtype)
+            num_blocks = -(-int(ctx) // layout.block_size)
+            chunks.append(ChunkSequence(int(start), int(n), int(ctx), tensor(table[:num_blocks]), mask))
+        meta = AttentionMetadata(
+            slot_mapping=tensor(layout.slot_mapping),
+            num_decode_tokens=nd,
+            decode_block_tables=None,
+            decode_context_len=int(layout.context_lens[:nd].max(initial=0)),
+            decode_mask=None,
+            chunks=chunks,
+        )
+        if nd:
+            tables = layout.block_tables[:nd]
+            padded = np.zeros((nd, max(len(t) for t in tables)), dtype=np.int64)
+            for i, t in enumerate(tables):
+                padded[i, : len(t)] = t
+            meta.decode_block_tables = tensor(padded)
+            lens = layout.context_lens[:nd]
+            if (lens < meta.decode_context_len).any():
+                mask = np.arange(meta.decode_context_len)[None, :] < lens[:, None]
+                meta.decode_mask = torch.from_numpy(mask).to(device)[:, None, None, :]
+        return meta
 
 
 class TorchPagedAttention:

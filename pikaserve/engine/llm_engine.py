@@ -27,7 +27,8 @@ from pikaserve.engine.scheduler import Scheduler
 from pikaserve.errors import InvalidRequestError
 from pikaserve.kv.block_pool import BlockPool
 from pikaserve.model.loader import load_model, resolve_model_path
-from pikaserve.platform import configure_threads, resolve_device, resolve_dtype
+from pikaserve.platform import (
+    configure_threads, resolve_device, resolve_dtype, resolve_kv_cache_dtype)
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +44,10 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         configure_threads(config, self.device)
         path = resolve_model_path(config.model)
+        kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.device) or self.dtype
         loaded = load_model(
-            path, self.device, self.dtype, config.max_model_len, config.int4_max_rows
+            path, self.device, self.dtype, config.max_model_len, config.int4_max_rows,
+            config.attention_backend, kv_dtype,
         )
         self.model_path = path
         self.model_config = loaded.config
@@ -53,7 +56,7 @@ class LLMEngine:
             loaded.config.max_position_embeddings, MAX_DEFAULT_MODEL_LEN
         )
         kv_caches, num_blocks = allocate_kv_cache(
-            loaded.config, config, self.device, self.dtype, self.max_model_len
+            loaded.config, config, self.device, kv_dtype, self.max_model_len
         )
         if num_blocks * config.block_size < self.max_model_len:
             raise ConfigError(
@@ -74,15 +77,27 @@ class LLMEngine:
             config.enable_chunked_prefill,
             loaded.config.num_layers,
         )
-        self.runner = ModelRunner(loaded.model, kv_caches, config.block_size, self.device)
+        graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            from pikaserve.engine.cuda_graphs import CudaGraphs, graph_sizes
+
+            graphs = CudaGraphs.capture(
+                loaded.model, kv_caches, loaded.backend,
+                graph_sizes(config.max_cudagraph_capture_size, config.max_num_batched_tokens),
+                -(-self.max_model_len // config.block_size), self.device,
+            )
+        self.runner = ModelRunner(
+            loaded.model, kv_caches, config.block_size, self.device, loaded.backend, graphs
+        )
         self.sampler = Sampler(loaded.config.vocab_size, config.seed, self.device)
         self.requests: dict[str, Request] = {}
         self._ready: list[RequestOutput] = []  # requests a grammar finished without a pass
         self.load_seconds = time.perf_counter() - start
         logger.info(
-            "loaded %s (%s, %s) in %.2fs; KV cache %d blocks x %d tokens",
+            "loaded %s (%s, %s, %s attention) in %.2fs; KV cache %d blocks x %d tokens (%s)",
             path.name, self.device, str(self.dtype).removeprefix("torch."),
-            self.load_seconds, num_blocks, config.block_size,
+            loaded.backend.name, self.load_seconds, num_blocks, config.block_size,
+            str(kv_dtype).removeprefix("torch."),
         )
 
     # --- requests -----------------------------------------------------------------------

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from pikaserve.attention.metadata import AttentionMetadata, ChunkSequence
+from pikaserve.attention.backend import AttentionBackend
+from pikaserve.attention.layout import BatchLayout
+from pikaserve.engine.forward_inputs import ForwardInputs
 from pikaserve.engine.request import Request
 from pikaserve.engine.scheduler import SchedulerOutput
 from pikaserve.model.llama import LlamaForCausalLM
+
+if TYPE_CHECKING:  # imports triton: only on CUDA
+    from pikaserve.engine.cuda_graphs import CudaGraphs
 
 
 class ModelRunner:
@@ -20,17 +26,21 @@ class ModelRunner:
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         block_size: int,
         device: torch.device,
+        backend: AttentionBackend,
+        graphs: CudaGraphs | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
+        self.backend = backend
+        self.graphs = graphs  # captured passes for small steps (CUDA, without enforce_eager)
         self.dtype = model.embed_tokens.weight.dtype
         self.num_forward_passes = 0
 
     def execute(
         self, out: SchedulerOutput, vocab_rows: list[int] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, PooledStates | None]:
         """Logits (float32) of every sampling request that reaches its last known token this
         step, in `out.scheduled`'s order; then, in the same order, those of every such request
         with a draft, at the draft's last token. With `vocab_rows`, only those tokens get
@@ -38,11 +48,9 @@ class ModelRunner:
         rows computed this step (PooledStates), or None when there are none."""
         bs = self.block_size
         ids, positions, slots, logits_rows, draft_rows = [], [], [], [], []
+        query_lens, context_lens, tables = [], [], []
         hidden_rows: list[int] = []
         pooled_counts: list[tuple[Request, int]] = []
-        chunks: list[ChunkSequence] = []
-        dec_tables: list[list[int]] = []
-        dec_lens: list[int] = []
         row = 0
         for s in out.scheduled:
             req, n, k = s.request, s.num_new_tokens, s.num_draft
@@ -53,17 +61,9 @@ class ModelRunner:
             ids.append(np.asarray(tokens + req.draft.token_ids if k else tokens, dtype=np.int64))
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
-            if n == 1:
-                dec_tables.append(req.block_ids)
-                dec_lens.append(start + 1)
-            else:
-                num_blocks = -(-(start + n) // bs)
-                mask = None
-                if start:  # row i sees the cached tokens and the chunk's first i + 1
-                    mask = self._attention_bias(np.arange(start + n)[None, :] <= pos[:, None])
-                chunks.append(
-                    ChunkSequence(row, n, start + n, self._tensor(table[:num_blocks]), mask)
-                )
+            query_lens.append(n)
+            context_lens.append(start + n)
+            tables.append(table)
             if req.is_pooling:
                 first = max(start, req.params.first_pooled(req.num_tokens))
                 if first < start + n:
@@ -75,46 +75,40 @@ class ModelRunner:
                 if k:
                     draft_rows.append(row - 1)
 
-        meta = AttentionMetadata(
-            slot_mapping=self._tensor(np.concatenate(slots)),
-            num_decode_tokens=len(dec_lens),
-            decode_block_tables=None,
-            decode_context_len=max(dec_lens, default=0),
-            decode_mask=None,
-            chunks=chunks,
+        layout = BatchLayout(
+            query_lens=np.asarray(query_lens, dtype=np.int64),
+            context_lens=np.asarray(context_lens, dtype=np.int64),
+            block_tables=tables,
+            slot_mapping=np.concatenate(slots),
+            positions=np.concatenate(positions),
+            block_size=bs,
         )
-        if dec_lens:
-            width = max(len(t) for t in dec_tables)
-            tables = np.zeros((len(dec_tables), width), dtype=np.int64)
-            for i, t in enumerate(dec_tables):
-                tables[i, : len(t)] = t
-            meta.decode_block_tables = self._tensor(tables)
-            lens = np.asarray(dec_lens, dtype=np.int64)
-            if (lens < meta.decode_context_len).any():
-                mask = np.arange(meta.decode_context_len)[None, :] < lens[:, None]
-                meta.decode_mask = torch.from_numpy(mask).to(self.device)[:, None, None, :]
-
         self.num_forward_passes += 1
         layers = tuple(sorted({i for r, _ in pooled_counts for i in r.params.layers}))
-        logits, hidden = self.model(
-            self._tensor(np.concatenate(ids)),
-            self._tensor(np.concatenate(positions)),
-            self.kv_caches,
-            meta,
-            self._tensor(np.asarray(logits_rows + draft_rows, dtype=np.int64)),
-            None if vocab_rows is None else self._tensor(np.asarray(vocab_rows, dtype=np.int64)),
-            self._tensor(np.asarray(hidden_rows, dtype=np.int64)) if hidden_rows else None,
-            layers,
-            out.depth,
+        step = ForwardInputs(
+            np.concatenate(ids), layout, np.asarray(logits_rows + draft_rows, dtype=np.int64),
+            None if vocab_rows is None else np.asarray(vocab_rows, dtype=np.int64),
+            np.asarray(hidden_rows, dtype=np.int64) if hidden_rows else None,
+            layers, out.depth,
         )
+        logits, hidden = self.forward(step)
         pooled = PooledStates(layers, hidden.cpu(), pooled_counts) if pooled_counts else None
         return logits, pooled
 
-    def _attention_bias(self, allowed: np.ndarray) -> torch.Tensor:
-        # additive (0 / -inf) in the model dtype: SDPA's CPU kernel takes it ~5% faster than a
-        # boolean mask it would convert in every layer
-        bias = np.where(allowed, np.float32(0), np.float32("-inf"))
-        return torch.from_numpy(bias).to(self.device, self.dtype)
+    def forward(self, step: ForwardInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One model pass: replayed from a captured CUDA graph when one fits the step, else
+        run eagerly."""
+        if self.graphs is not None and self.graphs.fits(step):
+            return self.graphs.run(step)
+        meta = self.backend.metadata(step.layout, self.device, self.dtype)
+        tensor = self._tensor
+        return self.model(
+            tensor(step.token_ids), tensor(step.layout.positions), self.kv_caches, meta,
+            tensor(step.logits_rows),
+            None if step.vocab_rows is None else tensor(step.vocab_rows),
+            None if step.hidden_rows is None else tensor(step.hidden_rows),
+            step.hidden_layers, step.depth,
+        )
 
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a).to(self.device, non_blocking=True)

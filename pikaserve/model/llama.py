@@ -6,12 +6,14 @@ each layer runs three matmuls fewer.
 
 from __future__ import annotations
 
+from types import ModuleType
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pikaserve.attention.metadata import AttentionMetadata
-from pikaserve.attention.torch_backend import TorchPagedAttention
+from pikaserve.attention.backend import AttentionBackend
 from pikaserve.model import onednn_weights
 from pikaserve.model.checkpoint import ModelLoadError
 from pikaserve.model.int4_weights import Int4Groups, PackedInt4, can_pack
@@ -67,68 +69,101 @@ class Embedding(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, factory: dict) -> None:
+    def __init__(self, dim: int, eps: float, factory: dict, kernels: ModuleType | None) -> None:
         super().__init__()
         self.weight = _weight(dim, factory=factory)
         self.eps = eps
+        self.kernels = kernels  # kernels/fused.py on the triton backend, else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None:
+            shape = x.shape
+            return self.kernels.rms_norm(x.reshape(-1, shape[-1]), self.weight, self.eps).view(shape)
         # normalise in float32 like the reference, scale in the model dtype
         normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, the norm of that sum): one kernel on the triton backend."""
+        if self.kernels is not None:
+            return self.kernels.add_rms_norm(x, residual, self.weight, self.eps)
+        x = x + residual
+        return x, self(x)
+
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, factory: dict) -> None:
+    def __init__(
+        self, cfg: ModelConfig, factory: dict, backend: AttentionBackend,
+        kernels: ModuleType | None,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
+        self.kernels = kernels
         q_size = cfg.num_heads * cfg.head_dim
         kv_size = cfg.num_kv_heads * cfg.head_dim
         self.q_size, self.kv_size = q_size, kv_size
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, factory)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, factory, kernels)
         self.qkv_proj = Linear(cfg.hidden_size, q_size + 2 * kv_size, cfg.qkv_bias, factory)
         self.o_proj = Linear(q_size, cfg.hidden_size, False, factory)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, factory)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, factory)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, factory)
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, factory, kernels)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, factory, kernels)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, factory, kernels)
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, factory)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, factory)
-        self.attn = TorchPagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        self.attn = backend.layer(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
 
     def forward(
         self,
         x: torch.Tensor,
+        pending: torch.Tensor | None,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         kv: tuple[torch.Tensor, torch.Tensor],
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
+        meta: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, pending) -> (x', pending'): the residual stream is x + pending. The previous
+        layer's MLP output is added here, fused with this layer's first norm."""
         cfg = self.cfg
-        qkv = self.qkv_proj(self.input_layernorm(x))
+        if pending is None:
+            h = self.input_layernorm(x)
+        else:
+            x, h = self.input_layernorm.add_forward(x, pending)
+        qkv = self.qkv_proj(h)
         qk_heads = cfg.num_heads + cfg.num_kv_heads
         qk = qkv[:, : self.q_size + self.kv_size].view(-1, qk_heads, cfg.head_dim)
         v = qkv[:, self.q_size + self.kv_size :].view(-1, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             heads = cfg.num_heads
             qk = torch.cat((self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])), dim=1)
-        qk = apply_rotary(qk, cos_sin)  # queries and keys in one go
+        if self.kernels is not None:  # queries and keys in one go
+            qk = self.kernels.rotary(qk, cos_sin[0][:, 0], cos_sin[1][:, 0])
+        else:
+            qk = apply_rotary(qk, cos_sin)
         q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
         attn = self.attn.forward(q, k, v, kv[0], kv[1], meta)
-        x = x + self.o_proj(attn.reshape(-1, self.q_size))
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        x, h = self.post_attention_layernorm.add_forward(x, self.o_proj(attn.reshape(-1, self.q_size)))
+        gate_up = self.gate_up_proj(h)
+        if self.kernels is not None:
+            return x, self.down_proj(self.kernels.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return x, self.down_proj(F.silu(gate) * up)
 
 
 class LlamaForCausalLM(nn.Module):
     def __init__(
-        self, cfg: ModelConfig, max_positions: int, dtype: torch.dtype, device: torch.device
+        self, cfg: ModelConfig, max_positions: int, dtype: torch.dtype, device: torch.device,
+        backend: AttentionBackend,
     ) -> None:
         super().__init__()
         self.cfg = cfg
         factory = {"dtype": dtype, "device": device}
+        kernels = None
+        if backend.uses_fused_kernels:
+            from pikaserve.kernels import fused as kernels
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, factory)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, factory) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, factory)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, factory, backend, kernels) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, factory, kernels)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, factory)
         self.rope = RotaryEmbedding(cfg, max_positions, dtype).to(device)
         self.requires_grad_(False)
@@ -139,7 +174,7 @@ class LlamaForCausalLM(nn.Module):
         input_ids: torch.Tensor,  # [T]
         positions: torch.Tensor,  # [T]
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        meta: AttentionMetadata,
+        meta: Any,  # the attention backend's metadata for this step
         logits_indices: torch.Tensor,  # [R] rows whose next-token logits are needed
         vocab_rows: torch.Tensor | None = None,  # [V'] the only tokens that can be chosen
         hidden_rows: torch.Tensor | None = None,  # [P] rows whose hidden states are returned
@@ -148,19 +183,21 @@ class LlamaForCausalLM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logits [R, V] float32, hidden states [P, len(hidden_layers), H] float32 or None)."""
         x = self.embed_tokens(input_ids)
+        pending: torch.Tensor | None = None  # the residual stream is x + pending
         cos_sin = self.rope(positions)
         hidden = [] if hidden_rows is not None else None
         for i, (layer, kv) in enumerate(zip(self.layers, kv_caches[:depth])):
             if hidden is not None and i in hidden_layers:
-                hidden.append(x[hidden_rows].float())
-            x = layer(x, cos_sin, kv, meta)
+                hidden.append(_rows(x, pending, hidden_rows).float())
+            x, pending = layer(x, pending, cos_sin, kv, meta)
         num_run = len(self.layers) if depth is None else depth
         if hidden is not None and num_run in hidden_layers:
-            hidden.append(x[hidden_rows].float())
+            hidden.append(_rows(x, pending, hidden_rows).float())
         features = torch.stack(hidden, dim=1) if hidden is not None else None
         if depth is not None:
             return x.new_empty((0, self.cfg.vocab_size), dtype=torch.float32), features
-        return self._logits(self.norm(x[logits_indices]), vocab_rows), features
+        _, normed = self.norm.add_forward(x[logits_indices], pending[logits_indices])
+        return self._logits(normed, vocab_rows), features
 
     def _logits(self, x: torch.Tensor, vocab_rows: torch.Tensor | None) -> torch.Tensor:
         if x.shape[0] == 0:  # a step of prefill-only (pooling) requests samples nothing
@@ -228,6 +265,11 @@ class LlamaForCausalLM(nn.Module):
             for linear in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
                 linear.reorder_for_onednn(keep_plain=False)
         self.lm_head.reorder_for_onednn(keep_plain=True)
+
+
+def _rows(x: torch.Tensor, pending: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    """Rows of the residual stream x + pending."""
+    return x[rows] if pending is None else x[rows] + pending[rows]
 
 
 class _Taker:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from pikaserve.attention.backend import AttentionBackend, select_backend
 from pikaserve.model.checkpoint import Checkpoint, ModelLoadError
 from pikaserve.model.hf_loader import load_hf_folder, load_hf_tokenizer
 from pikaserve.model.llama import LlamaForCausalLM
@@ -33,6 +34,7 @@ class LoadedModel:
     config: ModelConfig
     tokenizer: Tokenizer
     path: Path
+    backend: AttentionBackend
 
 
 def default_model_path() -> Path:
@@ -105,6 +107,8 @@ def load_model(
     dtype: torch.dtype,
     max_positions: int | None,
     int4_max_rows: int = 0,
+    attention_backend: str = "torch",
+    kv_cache_dtype: torch.dtype | None = None,
 ) -> LoadedModel:
     """int4_max_rows > 0: passes of at most that many rows use a Q4 GGUF's packed 4-bit
     weights; only torch's CPU kernel for bfloat16 exists (its float32 path is ~10x slower)."""
@@ -112,11 +116,13 @@ def load_model(
     checkpoint, tokenizer = load_checkpoint(path, dtype, keep_int4=use_int4)
     config = ModelConfig.from_hf(checkpoint.config)
     positions = max_positions or config.max_position_embeddings
-    model = LlamaForCausalLM(config, positions, dtype, device)
+    backend = select_backend(attention_backend, device, kv_cache_dtype or dtype,
+                             config.num_heads, config.num_kv_heads)
+    model = LlamaForCausalLM(config, positions, dtype, device, backend)
     if checkpoint.int4:
         model.use_int4(checkpoint.int4, int4_max_rows)
     model.load_hf_tensors(checkpoint.tensors)
     if device.type == "cpu":
         model.reorder_for_onednn()
     model.eval()
-    return LoadedModel(model, config, tokenizer, path)
+    return LoadedModel(model, config, tokenizer, path, backend)

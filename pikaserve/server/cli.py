@@ -58,8 +58,11 @@ FLAGS = (
          "prefixes (on by default)"),
     Flag("enable-chunked-prefill", "engine", "toggle", help="split long prefills across "
          "steps (on by default)"),
-    Flag("enforce-eager", "engine", "bool", help="accepted; there are no CUDA graphs yet"),
-    Flag("kv-cache-dtype", "engine", help="auto only (the model dtype)"),
+    Flag("enforce-eager", "engine", "bool", help="CUDA: run every step eagerly, no CUDA graphs"),
+    Flag("max-cudagraph-capture-size", "engine", type=int, help="CUDA: steps of up to this "
+         "many tokens replay a captured graph (512)"),
+    Flag("kv-cache-dtype", "engine", help="auto (the model dtype) | fp8 (CUDA, e4m3)"),
+    Flag("attention-backend", "engine", help="auto | torch | triton (auto: triton on CUDA)"),
     Flag("quantization", "engine", help="gguf (a quantized .gguf model) only", aliases=("-q",)),
     Flag("tensor-parallel-size", "engine", type=int, help="1 only", aliases=("-tp",)),
     Flag("seed", "engine", type=int, help="engine random seed (0)"),
@@ -213,6 +216,10 @@ def check_model(engine_config: EngineConfig) -> Path:
         raise ConfigError(str(exc)) from exc
     if engine_config.quantization == "gguf" and path.suffix != ".gguf":
         raise ConfigError(f"--quantization gguf needs a .gguf model; {path} is not one")
+    if engine_config.kv_cache_dtype != "auto":  # fp8 needs a GPU that has it: say so now
+        from pikaserve.platform import resolve_device, resolve_kv_cache_dtype
+
+        resolve_kv_cache_dtype(engine_config.kv_cache_dtype, resolve_device(engine_config.device))
     return path
 
 
@@ -231,8 +238,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if server_config.trust_remote_code:
         logger.info("--trust-remote-code accepted; pikaserve runs no model code anyway")
-    if engine_config.enforce_eager:
-        logger.info("--enforce-eager accepted; pikaserve has no CUDA graphs yet")
     logger.info("model %s -> %s", engine_config.model or "(embedded default)", path)
     return serve(engine_config, server_config, default_rf, heads)
 

@@ -2,39 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from conftest import TINY_KINDS
 from pikaserve.engine.sampling_params import SamplingParams
 from pikaserve.llm import LLM
-from reference import hf_greedy
-
-PROMPTS = [
-    "Hello world! How are",
-    "The quick brown fox",
-    '{"emotion":"happy","learn_score":',
-    "Xin chào! Tớ buồn quá. Previous Question: 0123",
-]
-NEW_TOKENS = 32
-LOGPROB_ATOL = 1e-3  # fp32 on both sides; differences come from op order only
-TOP = 5
-
-
-def assert_matches_reference(llm: LLM, hf_model, prompts, max_tokens: int = NEW_TOKENS) -> None:
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=TOP)
-    outs = llm.generate(prompts, params)
-    for out in outs:
-        ref_tokens, ref_logprobs = hf_greedy(hf_model, out.prompt_token_ids, max_tokens)
-        assert out.token_ids == ref_tokens
-        for step, (lp, ref) in enumerate(zip(out.logprobs, ref_logprobs)):
-            assert math.isclose(lp.logprob, float(ref[lp.token_id]), abs_tol=LOGPROB_ATOL), step
-            ref_top = ref.topk(TOP)
-            assert [t for t, _ in lp.top] == ref_top.indices.tolist()
-            got = torch.tensor([v for _, v in lp.top])
-            torch.testing.assert_close(got, ref_top.values, atol=LOGPROB_ATOL, rtol=0)
+from reference import PROMPTS, assert_matches_reference
 
 
 @pytest.mark.parametrize("kind", TINY_KINDS)

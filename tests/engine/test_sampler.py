@@ -101,3 +101,33 @@ def test_engine_seed_makes_unseeded_sampling_reproducible():
     other = [Sampler(VOCAB, seed=s)(torch.zeros(64, VOCAB), [req() for _ in range(64)]).token_ids
              for s in (3, 4)]
     assert other[0] != other[1]
+
+
+def test_batched_grammar_masks_equal_per_row_masks(tiny_model_dir):
+    """The device path (one packed bitmask for all rows) forbids exactly what masking each
+    row in place does: short allowed lists, large bitmaps, forced tokens, free rows."""
+    from pikaserve.engine.sampler import apply_constraints
+    from pikaserve.engine.sampling_params import StructuredOutputsParams
+    from pikaserve.llm import LLM
+    from pikaserve.structured.compiler import build_constraint
+
+    tokenizer = LLM(str(tiny_model_dir("llama")), dtype="float32").engine.tokenizer
+    specs = [
+        StructuredOutputsParams(json={"type": "object", "properties": {
+            "emotion": {"enum": ["happy", "sad"]}}, "required": ["emotion"]}),
+        StructuredOutputsParams(regex="[a-z ]+"),  # most tokens allowed: a bitmap
+        None,
+        StructuredOutputsParams(choice=["yes", "no"]),
+    ]
+    requests = []
+    for spec in specs:
+        constraint = None if spec is None else build_constraint(spec, tokenizer)
+        if constraint is not None:
+            constraint.accept(constraint.forced_tokens())
+        requests.append(Request("r", [1], SamplingParams(), None, frozenset(), constraint))
+    logits = torch.randn(len(requests), 420)  # a model vocabulary past the tokenizer's
+    per_row, batched = logits.clone(), logits.clone()
+    apply_constraints(per_row, requests, batched=False)
+    apply_constraints(batched, requests, batched=True)
+    assert torch.equal(per_row, batched)
+    assert torch.isinf(per_row).any(dim=1).tolist() == [True, True, False, True]

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
 from pikaserve.engine.sampling_params import SamplingParams
 from pikaserve.llm import LLM
+from reference import make_prompts
 
 MAX_TOKENS = 12
 PARAMS = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
-
-
-def make_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    """Prompts sharing a few prefixes (so the prefix cache has work) with unique tails."""
-    rng = random.Random(seed)
-    prefixes = [[rng.randrange(3, vocab) for _ in range(k)] for k in (37, 50, 20)]
-    return [
-        rng.choice(prefixes) + [rng.randrange(3, vocab) for _ in range(rng.randint(1, 30))]
-        for _ in range(n)
-    ]
 
 
 @pytest.fixture(scope="module")

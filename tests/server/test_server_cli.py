@@ -101,7 +101,9 @@ def test_bad_yaml_fails_clearly(tmp_path, text, message):
 @pytest.mark.parametrize("argv,message", [
     (["--tensor-parallel-size", "2"], "tensor_parallel_size=2 is not supported yet"),
     (["--quantization", "awq"], "quantization 'awq' is not supported yet"),
-    (["--kv-cache-dtype", "fp8"], "kv_cache_dtype 'fp8' is not supported yet"),
+    (["--kv-cache-dtype", "fp8", "--device", "cpu"], "an fp8 KV cache needs a CUDA GPU"),
+    (["--kv-cache-dtype", "int8"], "kv_cache_dtype must be one of"),
+    (["--attention-backend", "flash"], "attention_backend must be one of"),
     (["--dtype", "int3"], "dtype must be one of"),
     (["--model", "/nonexistent/model"], "neither a local path nor"),
     (["--default-response-format", "/nonexistent.json"], "default-response-format"),

@@ -1,0 +1,197 @@
+"""The GPU benchmark of benchmarks/gpu/check.sh: Pika and plain decoding on one CUDA GPU.
+
+The real SmolLM2-135M GGUF cannot travel to the GPU machine, so the model is SmolLM2-135M's
+exact shape (its config and tokenizer, from benchmarks/gpu/smollm2/, made by prepare.sh) with
+seeded random weights: every timing is that of the real model, and its answers are
+meaningless (only their validity against the schema is checked). Sections, each recorded even
+when another fails:
+
+  offline_pika     the Pika request (system prompt warm in the prefix cache, JSON schema,
+                   temperature 0) through the Python API, one at a time, eager vs CUDA graphs
+  decode           batch-1 decode speed of a 128-token plain completion, eager vs graphs
+  server           the same Pika requests through `pikaserve serve` over HTTP (pikaserve
+                   bench), eager vs graphs side by side: 1, 64 and 256 clients
+  transformers     Hugging Face generate on the same weights and GPU, for reference
+
+No Pika turn is sent twice to one engine. Results: gpu_bench.json in --out.
+
+    python benchmarks/gpu/bench_gpu.py --out benchmarks/results/gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+import traceback
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from pika_vs_llamacpp import free_port, start, wait_ready  # noqa: E402
+
+from pikaserve.bench.workloads import pika_workload  # noqa: E402
+from pikaserve.engine.sampling_params import SamplingParams, StructuredOutputsParams  # noqa: E402
+from pikaserve.llm import LLM  # noqa: E402
+
+SHAPE = Path(__file__).parent / "smollm2"
+GOALS = {"server_p50_ms_1_client": 5.0, "req_per_s_min": 5000.0, "p99_ms_max": 50.0,
+         "decode_tok_per_s_min": 1500.0}
+KV_BYTES = 4 << 30  # per engine (~180k tokens): two engines share the GPU at a time
+
+
+def build_model(out: Path) -> Path:
+    """SmolLM2-135M's shape with seeded random weights, as a Hugging Face folder."""
+    import transformers
+
+    out.mkdir(parents=True, exist_ok=True)
+    for f in SHAPE.iterdir():
+        shutil.copy(f, out / f.name)
+    config = transformers.LlamaConfig(**json.loads((SHAPE / "config.json").read_text()))
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def percentiles(ms: list[float]) -> dict[str, float]:
+    q = statistics.quantiles(ms, n=100, method="inclusive")
+    return {"p50": statistics.median(ms), "p90": q[89], "p99": q[98], "n": len(ms)}
+
+
+def pika_requests():
+    """(messages, sampling params) per distinct Pika turn, in the bench's order."""
+    workload = pika_workload()
+    schema = workload.requests[0].response_format["json_schema"]["schema"]
+    params = SamplingParams(max_tokens=64, temperature=0,
+                            structured_outputs=StructuredOutputsParams(json=schema))
+    return [list(r.messages) for r in workload.requests], params
+
+
+def offline_pika(model: Path, n: int) -> dict:
+    turns, params = pika_requests()
+    warm, measured = turns[-4:], turns[:n]
+    result = {}
+    for name, eager in (("eager", True), ("graphs", False)):
+        llm = LLM(str(model), enforce_eager=eager, kv_cache_memory_bytes=KV_BYTES)
+        llm.generate(warm, params)  # the system prompt into the prefix cache; kernels compiled
+        times, tokens = [], []
+        for messages in measured:
+            start = time.perf_counter()
+            out = llm.generate([messages], params)[0]
+            times.append((time.perf_counter() - start) * 1e3)
+            tokens.append(len(out.token_ids))
+        result[name] = {"e2e_ms": percentiles(times), "answer_tokens_mean": statistics.mean(tokens),
+                        "passes_per_request": llm.engine.num_forward_passes / (n + len(warm))}
+        del llm
+        torch.cuda.empty_cache()
+    return result
+
+
+def decode(model: Path) -> dict:
+    params = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
+    result = {}
+    for name, eager in (("eager", True), ("graphs", False)):
+        llm = LLM(str(model), enforce_eager=eager, kv_cache_memory_bytes=KV_BYTES)
+        llm.generate(["Warm up the kernels."], params)
+        runs = []
+        for prompt in ("Once upon a time", "The robot said hello to", "In a small school"):
+            out = llm.generate([prompt], params)[0]
+            runs.append((len(out.token_ids) - 1) / (out.e2e - out.ttft))
+        result[name] = {"tok_per_s": statistics.median(runs), "ttft_ms": out.ttft * 1e3}
+        del llm
+        torch.cuda.empty_cache()
+    return result
+
+
+def server(model: Path, out: Path, n: int) -> dict:
+    from pikaserve.bench.cli import main as bench_main
+
+    urls = {}
+    with ExitStack() as stack:
+        for name, extra in (("eager", ["--enforce-eager"]), ("graphs", [])):
+            port = free_port()
+            proc = start([sys.executable, "-m", "pikaserve", "serve", "--model", str(model),
+                          "--port", str(port), "--disable-log-requests",
+                          "--max-num-seqs", "256", "--kv-cache-memory-bytes", str(KV_BYTES),
+                          *extra],
+                         out / f"server_{name}.log")
+            stack.callback(proc.terminate)
+            urls[name] = f"http://127.0.0.1:{port}"
+            print(f"server {name} ready in {wait_ready(urls[name], proc, 300):.1f} s", flush=True)
+        rc = bench_main([
+            "--url", urls["eager"], "--compare", urls["graphs"], "--labels", "eager,graphs",
+            "--workload", "pika", "--concurrency", "1,64,256", "-n", str(n), "--warmup", "8",
+            "--no-progress", "--no-plots", "--output-dir", str(out / "server_bench")])
+    data = json.loads((out / "server_bench" / "results.json").read_text())
+    points = {}
+    for point in data["points"]:
+        for s in point["servers"]:
+            m = s["metrics"]
+            points.setdefault(s["label"], {})[point["label"]] = {
+                "req_per_s": m["request_throughput"], "e2e_ms": m["e2e"], "ttft_ms": m["ttft"],
+                "json_validity": m["json_validity"], "failed": m["failed"]}
+    return {"bench_exit": rc, **points}
+
+
+def transformers_reference(model: Path) -> dict:
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(model)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).cuda().eval()
+    turns, _ = pika_requests()
+    result = {}
+    ids = tok.apply_chat_template(turns[0], add_generation_prompt=True, return_tensors="pt")
+    ids = (ids if isinstance(ids, torch.Tensor) else ids["input_ids"]).cuda()
+    for label, new in (("pika_like_20_tokens", 20), ("decode_128_tokens", 128)):
+        times = []
+        for _ in range(4):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            hf.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        best = statistics.median(times[1:])
+        result[label] = {"ms": best * 1e3, "tok_per_s": new / best}
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu")
+    parser.add_argument("--offline-n", type=int, default=200)
+    parser.add_argument("--server-n", type=int, default=300, help="requests per load point")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = build_model(args.out.parent.parent / "gpu_model_smollm2_random")
+    report: dict = {
+        "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+        "cuda": torch.version.cuda, "model": "SmolLM2-135M shape, seeded random weights",
+        "goals": GOALS, "errors": {},
+    }
+    sections = (("offline_pika", lambda: offline_pika(model, args.offline_n)),
+                ("decode", lambda: decode(model)),
+                ("server", lambda: server(model, args.out, args.server_n)),
+                ("transformers", lambda: transformers_reference(model)))
+    for name, run in sections:
+        start = time.perf_counter()
+        try:
+            report[name] = run()
+        except Exception:  # record it and go on: a partial result still teaches something
+            report["errors"][name] = traceback.format_exc()
+            print(report["errors"][name], file=sys.stderr)
+        print(f"{name}: {time.perf_counter() - start:.1f} s", flush=True)
+        (args.out / "gpu_bench.json").write_text(json.dumps(report, indent=1))
+    shutil.rmtree(model, ignore_errors=True)
+    return 1 if report["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

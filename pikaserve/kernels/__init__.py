@@ -1,0 +1,1 @@
+"""Fused Triton kernels for the CUDA path, with their torch references."""
