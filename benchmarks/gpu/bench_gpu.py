@@ -8,6 +8,8 @@ when another fails:
 
   offline_pika     the Pika request (system prompt warm in the prefix cache, JSON schema,
                    temperature 0) through the Python API, one at a time, eager vs CUDA graphs
+  offline_load     the engine alone under 64 and 256 clients (closed loop: a finished request
+                   is replaced at once), req/s and latency percentiles, no HTTP in the way
   decode           batch-1 decode speed of a 128-token plain completion, eager vs graphs
   server           the same Pika requests through `pikaserve serve` over HTTP (pikaserve
                    bench), eager vs graphs side by side: 1, 64 and 256 clients
@@ -16,6 +18,8 @@ when another fails:
 No Pika turn is sent twice to one engine. Results: gpu_bench.json in --out.
 
     python benchmarks/gpu/bench_gpu.py --out benchmarks/results/gpu
+    python benchmarks/gpu/bench_gpu.py --smoke --out /tmp/smoke   # every section, on a CPU,
+                                                                   # a few requests each
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import json
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from contextlib import ExitStack
@@ -75,12 +80,18 @@ def pika_requests():
     return [list(r.messages) for r in workload.requests], params
 
 
-def offline_pika(model: Path, n: int) -> dict:
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def offline_pika(model: Path, n: int, device: str) -> dict:
     turns, params = pika_requests()
     warm, measured = turns[-4:], turns[:n]
     result = {}
     for name, eager in (("eager", True), ("graphs", False)):
-        llm = LLM(str(model), enforce_eager=eager, kv_cache_memory_bytes=KV_BYTES)
+        llm = LLM(str(model), device=device, enforce_eager=eager, kv_cache_memory_bytes=KV_BYTES)
         llm.generate(warm, params)  # the system prompt into the prefix cache; kernels compiled
         times, tokens = [], []
         for messages in measured:
@@ -91,15 +102,54 @@ def offline_pika(model: Path, n: int) -> dict:
         result[name] = {"e2e_ms": percentiles(times), "answer_tokens_mean": statistics.mean(tokens),
                         "passes_per_request": llm.engine.num_forward_passes / (n + len(warm))}
         del llm
-        torch.cuda.empty_cache()
+        sync(device)
     return result
 
 
-def decode(model: Path) -> dict:
+def offline_load(model: Path, device: str, levels: tuple[int, ...], n: int) -> dict:
+    """Each level on a fresh engine (so no turn repeats within one), `n` requests."""
+    from pikaserve.structured.compiler import build_constraint
+
+    turns, params = pika_requests()
+    result = {}
+    for clients in levels:
+        llm = LLM(str(model), device=device, max_num_seqs=max(levels),
+                  kv_cache_memory_bytes=KV_BYTES)
+        llm.generate(turns[-8:], params)
+        engine = llm.engine
+        prompts = iter(llm.prompt_token_ids(m) for m in turns[:n])
+        started: dict[str, float] = {}
+        latencies: list[float] = []
+
+        def submit() -> None:
+            prompt = next(prompts, None)
+            if prompt is not None:
+                rid = f"load-{len(started)}"
+                started[rid] = time.perf_counter()
+                constraint = build_constraint(params.structured_outputs, llm.tokenizer)
+                engine.add_request(rid, prompt, params, constraint)
+
+        begin = time.perf_counter()
+        for _ in range(clients):
+            submit()
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    latencies.append((time.perf_counter() - started[out.request_id]) * 1e3)
+                    submit()
+        elapsed = time.perf_counter() - begin
+        result[f"{clients} clients"] = {"req_per_s": len(latencies) / elapsed,
+                                        "e2e_ms": percentiles(latencies)}
+        del llm, engine
+        sync(device)
+    return result
+
+
+def decode(model: Path, device: str) -> dict:
     params = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
     result = {}
     for name, eager in (("eager", True), ("graphs", False)):
-        llm = LLM(str(model), enforce_eager=eager, kv_cache_memory_bytes=KV_BYTES)
+        llm = LLM(str(model), device=device, enforce_eager=eager, kv_cache_memory_bytes=KV_BYTES)
         llm.generate(["Warm up the kernels."], params)
         runs = []
         for prompt in ("Once upon a time", "The robot said hello to", "In a small school"):
@@ -107,11 +157,11 @@ def decode(model: Path) -> dict:
             runs.append((len(out.token_ids) - 1) / (out.e2e - out.ttft))
         result[name] = {"tok_per_s": statistics.median(runs), "ttft_ms": out.ttft * 1e3}
         del llm
-        torch.cuda.empty_cache()
+        sync(device)
     return result
 
 
-def server(model: Path, out: Path, n: int) -> dict:
+def server(model: Path, out: Path, n: int, device: str, concurrency: str) -> dict:
     from pikaserve.bench.cli import main as bench_main
 
     urls = {}
@@ -119,7 +169,7 @@ def server(model: Path, out: Path, n: int) -> dict:
         for name, extra in (("eager", ["--enforce-eager"]), ("graphs", [])):
             port = free_port()
             proc = start([sys.executable, "-m", "pikaserve", "serve", "--model", str(model),
-                          "--port", str(port), "--disable-log-requests",
+                          "--port", str(port), "--disable-log-requests", "--device", device,
                           "--max-num-seqs", "256", "--kv-cache-memory-bytes", str(KV_BYTES),
                           *extra],
                          out / f"server_{name}.log")
@@ -128,7 +178,7 @@ def server(model: Path, out: Path, n: int) -> dict:
             print(f"server {name} ready in {wait_ready(urls[name], proc, 300):.1f} s", flush=True)
         rc = bench_main([
             "--url", urls["eager"], "--compare", urls["graphs"], "--labels", "eager,graphs",
-            "--workload", "pika", "--concurrency", "1,64,256", "-n", str(n), "--warmup", "8",
+            "--workload", "pika", "--concurrency", concurrency, "-n", str(n), "--warmup", "8",
             "--no-progress", "--no-plots", "--output-dir", str(out / "server_bench")])
     data = json.loads((out / "server_bench" / "results.json").read_text())
     points = {}
@@ -141,22 +191,23 @@ def server(model: Path, out: Path, n: int) -> dict:
     return {"bench_exit": rc, **points}
 
 
-def transformers_reference(model: Path) -> dict:
+def transformers_reference(model: Path, device: str, runs: int) -> dict:
     import transformers
 
     tok = transformers.AutoTokenizer.from_pretrained(model)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).cuda().eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
+    hf = hf.to(device).eval()
     turns, _ = pika_requests()
     result = {}
     ids = tok.apply_chat_template(turns[0], add_generation_prompt=True, return_tensors="pt")
-    ids = (ids if isinstance(ids, torch.Tensor) else ids["input_ids"]).cuda()
+    ids = (ids if isinstance(ids, torch.Tensor) else ids["input_ids"]).to(device)
     for label, new in (("pika_like_20_tokens", 20), ("decode_128_tokens", 128)):
         times = []
-        for _ in range(4):
-            torch.cuda.synchronize()
+        for _ in range(runs + 1):  # the first warms up
+            sync(device)
             start = time.perf_counter()
             hf.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
-            torch.cuda.synchronize()
+            sync(device)
             times.append(time.perf_counter() - start)
         best = statistics.median(times[1:])
         result[label] = {"ms": best * 1e3, "tok_per_s": new / best}
@@ -168,18 +219,25 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu")
     parser.add_argument("--offline-n", type=int, default=200)
     parser.add_argument("--server-n", type=int, default=300, help="requests per load point")
+    parser.add_argument("--smoke", action="store_true",
+                        help="check the script on a CPU: every section, a few requests each")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    model = build_model(args.out.parent.parent / "gpu_model_smollm2_random")
+    device, concurrency, levels, load_n, runs = "cuda", "1,64,256", (64, 256), 900, 3
+    if args.smoke:
+        device, concurrency, levels, load_n, runs = "cpu", "1,2", (2,), 6, 1
+        args.offline_n, args.server_n = 3, 3
+    model = build_model(Path(tempfile.mkdtemp(prefix="smollm2_random_")))
     report: dict = {
-        "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-        "cuda": torch.version.cuda, "model": "SmolLM2-135M shape, seeded random weights",
-        "goals": GOALS, "errors": {},
+        "gpu": torch.cuda.get_device_name(0) if device == "cuda" else "none (smoke run)",
+        "torch": torch.__version__, "cuda": torch.version.cuda,
+        "model": "SmolLM2-135M shape, seeded random weights", "goals": GOALS, "errors": {},
     }
-    sections = (("offline_pika", lambda: offline_pika(model, args.offline_n)),
-                ("decode", lambda: decode(model)),
-                ("server", lambda: server(model, args.out, args.server_n)),
-                ("transformers", lambda: transformers_reference(model)))
+    sections = (("offline_pika", lambda: offline_pika(model, args.offline_n, device)),
+                ("offline_load", lambda: offline_load(model, device, levels, load_n)),
+                ("decode", lambda: decode(model, device)),
+                ("server", lambda: server(model, args.out, args.server_n, device, concurrency)),
+                ("transformers", lambda: transformers_reference(model, device, runs)))
     for name, run in sections:
         start = time.perf_counter()
         try:

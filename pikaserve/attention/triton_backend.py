@@ -24,6 +24,8 @@ import triton.language as tl
 from pikaserve.attention.layout import BatchLayout
 
 MIN_DOT = 16  # tl.dot needs at least 16 rows, columns and depth
+MAX_SPLITS = 8
+TARGET_PROGRAMS = 128  # about the number of cores (SMs) of an H100/H200
 
 
 @dataclass(slots=True)
@@ -36,6 +38,7 @@ class TritonAttentionMetadata:
     qblock_seq: torch.Tensor  # [NQB] int64: the sequence of each query block; -1 = none
     qblock_first: torch.Tensor  # [NQB] int64: its first token within the sequence's queries
     block_q: int  # tokens per query block
+    num_splits: int  # programs sharing one query block's keys (flash-decoding); 1 = none
 
 
 @dataclass(slots=True)
@@ -103,6 +106,14 @@ def max_query_blocks(num_tokens: int, num_seqs: int, block_q: int) -> int:
     return num_tokens // block_q + num_seqs
 
 
+def split_count(num_qblocks: int, num_kv_heads: int) -> int:
+    """How many programs share each query block's keys. A step of a few sequences has a few
+    programs per layer (one per query block and KV head) on a GPU with 100+ cores; splitting
+    the keys over up to 8 programs, whose partial softmaxes a second kernel merges, puts the
+    idle cores to work (flash-decoding). It pays from batch 1 at Pika's ~350-token contexts."""
+    return max(1, min(MAX_SPLITS, TARGET_PROGRAMS // max(1, num_qblocks * num_kv_heads)))
+
+
 class TritonBackend:
     name = "triton"
     uses_fused_kernels = True
@@ -110,6 +121,7 @@ class TritonBackend:
 
     def __init__(self, num_heads: int, num_kv_heads: int) -> None:
         self.block_q = query_block_size(num_heads, num_kv_heads)
+        self.num_kv_heads = num_kv_heads
 
     def layer(self, num_heads: int, num_kv_heads: int, head_dim: int) -> "TritonPagedAttention":
         return TritonPagedAttention(num_heads, num_kv_heads, head_dim)
@@ -127,6 +139,7 @@ class TritonBackend:
             tensor(a.slot_mapping), tensor(a.block_tables), tensor(a.context_lens),
             tensor(a.query_starts), tensor(a.query_lens), tensor(a.qblock_seq),
             tensor(a.qblock_first), self.block_q,
+            split_count(len(a.qblock_seq), self.num_kv_heads),
         )
 
 
@@ -154,20 +167,31 @@ class TritonPagedAttention:
             return out
         group_pad = triton.next_power_of_2(self.group)
         head_pad = max(triton.next_power_of_2(self.head_dim), MIN_DOT)
-        block_size = k_cache.shape[1]
-        _paged_attention[(num_qblocks, self.num_kv_heads)](
-            q, k_cache, v_cache, out,
+        rows = meta.block_q * group_pad
+        splits = meta.num_splits
+        # per (query block, KV head, split): unnormalised output, running max and sum
+        partial = q.new_empty((num_qblocks, self.num_kv_heads, splits, rows, head_pad),
+                              dtype=torch.float32) if splits > 1 else out
+        stats = q.new_empty((2, num_qblocks, self.num_kv_heads, splits, rows),
+                            dtype=torch.float32) if splits > 1 else out
+        shape = dict(GROUP=self.group, GROUP_PAD=group_pad, BLOCK_Q=meta.block_q,
+                     HEAD_DIM=self.head_dim, HEAD_PAD=head_pad, NUM_SPLITS=splits)
+        _paged_attention[(num_qblocks, self.num_kv_heads, splits)](
+            q, k_cache, v_cache, out, partial, stats,
             meta.block_tables, meta.context_lens, meta.query_starts, meta.query_lens,
             meta.qblock_seq, meta.qblock_first,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             meta.block_tables.stride(0), self.scale,
-            GROUP=self.group, GROUP_PAD=group_pad, BLOCK_Q=meta.block_q,
-            HEAD_DIM=self.head_dim, HEAD_PAD=head_pad, PAGE=block_size,
-            BLOCK_N=max(MIN_DOT, min(64, triton.next_power_of_2(block_size))),
-            IEEE=q.dtype == torch.float32,
-            num_warps=4,
+            PAGE=k_cache.shape[1], BLOCK_N=64, IEEE=q.dtype == torch.float32,
+            num_warps=4, **shape,
         )
+        if splits > 1:
+            _merge_splits[(num_qblocks, self.num_kv_heads)](
+                out, partial, stats, meta.query_starts, meta.query_lens,
+                meta.qblock_seq, meta.qblock_first, out.stride(0), out.stride(1),
+                num_warps=4, **shape,
+            )
         return out
 
 
@@ -209,33 +233,44 @@ def _store_kv(
 
 
 @triton.jit
+def _query_rows(
+    qblock, kv_head, qblock_seq_ptr, qblock_first_ptr, query_starts_ptr, query_lens_ptr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    """A query block's rows: BLOCK_Q tokens x GROUP_PAD query heads of one KV head. Returns
+    (sequence, first token, query length, flat row of each row, head of each row, valid)."""
+    seq = tl.load(qblock_seq_ptr + qblock)
+    first = tl.load(qblock_first_ptr + qblock)
+    query_len = tl.load(query_lens_ptr + seq)
+    rows = tl.arange(0, BLOCK_Q * GROUP_PAD)
+    token = first + rows // GROUP_PAD
+    head = kv_head * GROUP + rows % GROUP_PAD
+    valid = (token < query_len) & (rows % GROUP_PAD < GROUP)
+    flat = (tl.load(query_starts_ptr + seq) + token).to(tl.int64)
+    return seq, first, query_len, token, flat, head, valid
+
+
+@triton.jit
 def _paged_attention(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, stats_ptr,
     tables_ptr, context_lens_ptr, query_starts_ptr, query_lens_ptr,
     qblock_seq_ptr, qblock_first_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_table, scale,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):
     qblock = tl.program_id(0)
     kv_head = tl.program_id(1)
-    seq = tl.load(qblock_seq_ptr + qblock)
-    if seq >= 0:
-        first = tl.load(qblock_first_ptr + qblock)
-        query_len = tl.load(query_lens_ptr + seq)
-        query_start = tl.load(query_starts_ptr + seq)
+    split = tl.program_id(2)
+    if tl.load(qblock_seq_ptr + qblock) >= 0:
+        seq, first, query_len, token, q_rows, head, row_ok = _query_rows(
+            qblock, kv_head, qblock_seq_ptr, qblock_first_ptr, query_starts_ptr,
+            query_lens_ptr, GROUP, GROUP_PAD, BLOCK_Q)
         context_len = tl.load(context_lens_ptr + seq)
-
-        # rows: BLOCK_Q tokens x GROUP_PAD query heads of this KV head
-        rows = tl.arange(0, BLOCK_Q * GROUP_PAD)
-        token = first + rows // GROUP_PAD
-        head = kv_head * GROUP + rows % GROUP_PAD
-        row_ok = (token < query_len) & (rows % GROUP_PAD < GROUP)
         d = tl.arange(0, HEAD_PAD)
         d_ok = d < HEAD_DIM
-        q_rows = (query_start + token).to(tl.int64)
         q = tl.load(
             q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
             mask=row_ok[:, None] & d_ok[None, :], other=0.0,
@@ -243,13 +278,17 @@ def _paged_attention(
         # a query token sees every key up to its own position (causal over the cached prefix)
         last_key = context_len - query_len + token
         num_keys = context_len - query_len + tl.minimum(first + BLOCK_Q, query_len)
+        # this program's share of the keys, in whole tiles
+        per_split = tl.cdiv(tl.cdiv(num_keys, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = split * per_split
+        hi = tl.minimum(num_keys, lo + per_split)
 
         running_max = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
         running_sum = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
         acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_PAD], tl.float32)
-        for start in range(0, num_keys, BLOCK_N):
+        for start in range(lo, hi, BLOCK_N):
             key = start + tl.arange(0, BLOCK_N)
-            key_ok = key < num_keys
+            key_ok = key < hi
             page = tl.load(tables_ptr + seq * stride_table + key // PAGE, mask=key_ok, other=0)
             offset = page.to(tl.int64) * stride_cb + (key % PAGE) * stride_cs + kv_head * stride_ch
             kv_mask = key_ok[:, None] & d_ok[None, :]
@@ -275,8 +314,57 @@ def _paged_attention(
                 acc = acc * rescale[:, None] + tl.dot(probs.to(q.dtype), values)
             running_max = new_max
 
-        out = acc / tl.where(running_sum == 0.0, 1.0, running_sum)[:, None]
+        if NUM_SPLITS == 1:
+            out = acc / tl.where(running_sum == 0.0, 1.0, running_sum)[:, None]
+            tl.store(
+                out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :],
+            )
+        else:  # leave the partial softmax for _merge_splits
+            rows = tl.arange(0, BLOCK_Q * GROUP_PAD)
+            part = ((qblock * tl.num_programs(1) + kv_head) * NUM_SPLITS + split).to(tl.int64)
+            tl.store(partial_ptr + (part * BLOCK_Q * GROUP_PAD + rows[:, None]) * HEAD_PAD
+                     + d[None, :], acc)
+            num_parts = tl.num_programs(0) * tl.num_programs(1) * NUM_SPLITS
+            tl.store(stats_ptr + part * BLOCK_Q * GROUP_PAD + rows, running_max)
+            tl.store(stats_ptr + (num_parts + part) * BLOCK_Q * GROUP_PAD + rows, running_sum)
+
+
+@triton.jit
+def _merge_splits(
+    out_ptr, partial_ptr, stats_ptr, query_starts_ptr, query_lens_ptr,
+    qblock_seq_ptr, qblock_first_ptr, stride_ot, stride_oh,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    """Merges a query block's partial softmaxes (the online-softmax update, once per split)."""
+    qblock = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    if tl.load(qblock_seq_ptr + qblock) >= 0:
+        seq, first, query_len, token, q_rows, head, row_ok = _query_rows(
+            qblock, kv_head, qblock_seq_ptr, qblock_first_ptr, query_starts_ptr,
+            query_lens_ptr, GROUP, GROUP_PAD, BLOCK_Q)
+        rows = tl.arange(0, BLOCK_Q * GROUP_PAD)
+        d = tl.arange(0, HEAD_PAD)
+        num_parts = tl.num_programs(0) * tl.num_programs(1) * NUM_SPLITS
+        total_max = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
+        total_sum = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
+        acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_PAD], tl.float32)
+        for split in tl.static_range(NUM_SPLITS):
+            part = ((qblock * tl.num_programs(1) + kv_head) * NUM_SPLITS + split).to(tl.int64)
+            part_max = tl.load(stats_ptr + part * BLOCK_Q * GROUP_PAD + rows)
+            part_sum = tl.load(stats_ptr + (num_parts + part) * BLOCK_Q * GROUP_PAD + rows)
+            part_acc = tl.load(partial_ptr + (part * BLOCK_Q * GROUP_PAD + rows[:, None])
+                               * HEAD_PAD + d[None, :])
+            new_max = tl.maximum(total_max, part_max)
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            old_scale = tl.exp(total_max - shift)
+            part_scale = tl.exp(part_max - shift)
+            total_sum = total_sum * old_scale + part_sum * part_scale
+            acc = acc * old_scale[:, None] + part_acc * part_scale[:, None]
+            total_max = new_max
+        out = acc / tl.where(total_sum == 0.0, 1.0, total_sum)[:, None]
         tl.store(
             out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-            out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :],
+            out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (d < HEAD_DIM)[None, :],
         )

@@ -25,7 +25,7 @@ import torch
 from pikaserve.attention.backend import AttentionBackend
 from pikaserve.attention.layout import BatchLayout
 from pikaserve.attention.triton_backend import (
-    PaddedShape, TritonAttentionMetadata, TritonBatchArrays, batch_arrays)
+    PaddedShape, TritonAttentionMetadata, TritonBatchArrays, batch_arrays, split_count)
 from pikaserve.engine.forward_inputs import ForwardInputs
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,8 @@ class CudaGraphs:
         parts = list(self.buffer[: sum(lengths)].split(lengths))
         ids, positions, logits_rows, slots, tables, *rest = parts
         meta = TritonAttentionMetadata(
-            slots, tables.view(size, -1), *rest, block_q=self.backend.block_q)
+            slots, tables.view(size, -1), *rest, block_q=self.backend.block_q,
+            num_splits=split_count(len(rest[-1]), self.backend.num_kv_heads))
         return ids, positions, logits_rows, meta
 
     def _pack(self, step: ForwardInputs, size: int) -> np.ndarray:

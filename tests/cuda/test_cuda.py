@@ -29,6 +29,16 @@ def greedy(llm: LLM, prompts, n: int = NEW_TOKENS):
     return llm.generate(prompts, params)
 
 
+def assert_same_up_to_ties(got: list[int], want: list[int], top2_gaps: list[float], tie: float):
+    """Equal tokens, except that at a step where the reference's top two were within `tie` the
+    two may part (and then go on as different texts)."""
+    for step, (g, w) in enumerate(zip(got, want)):
+        if g != w:
+            assert top2_gaps[step] < tie, (step, g, w, top2_gaps[step])
+            return
+    assert len(got) == len(want)
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("kind", TINY_KINDS)
 def test_greedy_matches_transformers_on_cuda(kind, dtype, tiny_model_dir):
@@ -40,11 +50,8 @@ def test_greedy_matches_transformers_on_cuda(kind, dtype, tiny_model_dir):
     assert llm.engine.runner.backend.name == "triton" and llm.engine.runner.graphs is not None
     for out in greedy(llm, PROMPTS):
         want, ref_logprobs = hf_greedy(hf, out.prompt_token_ids, NEW_TOKENS)
-        for step, (got_token, ref_token) in enumerate(zip(out.token_ids, want)):
-            if got_token != ref_token:
-                top2 = ref_logprobs[step].topk(2).values
-                assert float(top2[0] - top2[1]) < TIE[dtype], (step, got_token, ref_token)
-                break  # after a tie the two continuations are different texts
+        gaps = [float(top2[0] - top2[1]) for top2 in (lp.topk(2).values for lp in ref_logprobs)]
+        assert_same_up_to_ties(out.token_ids, want, gaps, TIE[dtype])
 
 
 @pytest.mark.parametrize("kind", TINY_KINDS)
@@ -52,24 +59,30 @@ def test_float32_matches_transformers_exactly(kind, tiny_model_dir):
     import transformers
 
     path = tiny_model_dir(kind)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
-    hf.config._attn_implementation = "eager"  # full float32, no TF32 in attention
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager").cuda().eval()
     llm = LLM(str(path), dtype="float32", device="cuda")
     assert_matches_reference(llm, hf, PROMPTS, max_tokens=NEW_TOKENS)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_graphs_equal_eager(dtype, tiny_model_dir):
+    """Replayed graphs compute what eager passes do. cuBLAS may pick another algorithm for a
+    padded row count, so bfloat16 is compared up to near-ties; float32 exactly."""
     path = str(tiny_model_dir("qwen3"))
     prompts = make_prompts(24, 400, seed=7)
     eager = greedy(LLM(path, dtype=dtype, device="cuda", enforce_eager=True), prompts)
     graphed_llm = LLM(path, dtype=dtype, device="cuda", max_cudagraph_capture_size=64)
     graphed = greedy(graphed_llm, prompts)
-    assert graphed_llm.engine.runner.graphs.graphs  # captured, and used below
+    graphs = graphed_llm.engine.runner.graphs
+    assert graphs.graphs and graphs.num_steps > 0  # captured, and replayed
     for g, e in zip(graphed, eager):
-        assert g.token_ids == e.token_ids
-        for a, b in zip(g.logprobs, e.logprobs):
-            assert abs(a.logprob - b.logprob) < 1e-3
+        if dtype == "float32":
+            assert g.token_ids == e.token_ids
+            assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(g.logprobs, e.logprobs))
+        else:
+            gaps = [lp.top[0][1] - lp.top[1][1] for lp in e.logprobs]
+            assert_same_up_to_ties(g.token_ids, e.token_ids, gaps, TIE[dtype])
 
 
 def test_scheduling_features_leave_greedy_unchanged(tiny_model_dir):
@@ -92,8 +105,10 @@ def test_fp8_kv_cache(tiny_model_dir):
     assert llm.engine.runner.kv_caches[0][0].dtype == torch.float8_e4m3fn
     full = LLM(path, dtype="bfloat16", device="cuda")
     got, want = greedy(llm, PROMPTS), greedy(full, PROMPTS)
-    # e4m3 keeps ~2 significant digits: answers start alike, then may drift
-    assert sum(g.token_ids[:4] == w.token_ids[:4] for g, w in zip(got, want)) >= len(PROMPTS) - 1
+    # e4m3 keeps ~2 significant digits: answers agree except where bf16's top two were close
+    for g, w in zip(got, want):
+        gaps = [lp.top[0][1] - lp.top[1][1] for lp in w.logprobs]
+        assert_same_up_to_ties(g.token_ids, w.token_ids, gaps, 0.3)
 
 
 def test_sampling_on_the_device_is_seeded(tiny_model_dir):
