@@ -61,32 +61,34 @@ def query_block_size(num_heads: int, num_kv_heads: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class PaddedShape:
-    """Fixed array sizes for a step (a CUDA-graph bucket): any step within them fits."""
+    """Fixed array sizes for a step (a CUDA-graph bucket): any step within them fits. Block
+    tables are not padded: a graph reads them from a buffer as wide as the longest possible
+    table, of which a step fills only its own rows and columns."""
 
     num_tokens: int
     num_seqs: int
-    table_width: int  # block-table columns
 
 
 def batch_arrays(
     layout: BatchLayout, block_q: int, pad: PaddedShape | None = None
 ) -> TritonBatchArrays:
     """The step's arrays; with `pad`, padded to its sizes: rows beyond the step write nowhere,
-    sequences beyond it have no queries, query blocks beyond it have no sequence."""
+    sequences beyond it have no queries, query blocks beyond it have no sequence. The block
+    tables are [S, the step's longest table] either way."""
     s = len(layout.query_lens)
     blocks_per_seq = -(-layout.query_lens // block_q)
     seq = np.repeat(np.arange(s, dtype=np.int64), blocks_per_seq)
     seq_first_block = np.repeat(np.cumsum(blocks_per_seq) - blocks_per_seq, blocks_per_seq)
     first = (np.arange(len(seq)) - seq_first_block) * block_q
     if pad is None:
-        width = max((len(t) for t in layout.block_tables), default=1)
-        pad = PaddedShape(layout.num_tokens, s, width)
+        pad = PaddedShape(layout.num_tokens, s)
         num_qblocks = len(seq)
     else:
         num_qblocks = max_query_blocks(pad.num_tokens, pad.num_seqs, block_q)
     slots = np.full(pad.num_tokens, -1, dtype=np.int64)
     slots[: layout.num_tokens] = layout.slot_mapping
-    tables = np.zeros((pad.num_seqs, max(pad.table_width, 1)), dtype=np.int64)
+    width = max((len(t) for t in layout.block_tables), default=1)
+    tables = np.zeros((s, width), dtype=np.int64)
     for i, t in enumerate(layout.block_tables):
         tables[i, : len(t)] = t
     lens = np.zeros((3, pad.num_seqs), dtype=np.int64)

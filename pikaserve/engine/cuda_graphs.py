@@ -6,8 +6,9 @@ while launching each small op from Python takes several. So every step of up to
 to the next captured size (1, 2, 4, ... tokens) and replayed. Padding rows write no KV (slot
 -1), padding sequences have no queries, and padding logits rows repeat row 0 and are cut off.
 
-Every input lives in one static int64 buffer on the device, packed per size; a step costs one
-host-to-device copy, then the replay. Steps that need hidden states (pooling) or run fewer
+Every input lives in one static int64 buffer on the device, packed per size, but the block
+tables, which have their own (as wide as the longest possible table): a step copies its
+packed inputs and its tables' used rows and columns, then replays. Steps that need hidden states (pooling) or run fewer
 layers go eager, as does everything on the torch attention backend.
 
 Without `capture` (CPU tests), the same padded buffers run eagerly: the padding path is then
@@ -59,6 +60,8 @@ class CudaGraphs:
         # each size's inputs are views into the front of one buffer, packed in _pack's order
         self.buffer = torch.zeros(self._packed_len(self.sizes[-1]), dtype=torch.int64,
                                   device=device)
+        self.tables = torch.zeros((self.sizes[-1], table_width), dtype=torch.int64,
+                                  device=device)
         self.inputs = {size: self._views(size) for size in self.sizes}
 
     @classmethod
@@ -101,8 +104,11 @@ class CudaGraphs:
         masks leave the same choices."""
         size = next(s for s in self.sizes if s >= step.layout.num_tokens)
         self.num_steps += 1
-        packed = self._pack(step, size)
+        arrays = batch_arrays(step.layout, self.backend.block_q, self._shape(size))
+        packed = self._pack(step, size, arrays)
         self.buffer[: packed.shape[0]].copy_(torch.from_numpy(packed), non_blocking=True)
+        seqs, width = arrays.block_tables.shape
+        self.tables[:seqs, :width].copy_(torch.from_numpy(arrays.block_tables), non_blocking=True)
         graph = self.graphs.get(size)
         if graph is None:
             logits = self._forward(size)
@@ -118,11 +124,11 @@ class CudaGraphs:
 
     # --- packing ------------------------------------------------------------------------
     def _shape(self, size: int) -> PaddedShape:
-        return PaddedShape(num_tokens=size, num_seqs=size, table_width=self.table_width)
+        return PaddedShape(num_tokens=size, num_seqs=size)
 
     def _field_lengths(self, size: int) -> list[int]:
         """Lengths of the packed fields: token ids, positions, logits rows, then the
-        attention metadata's arrays in TritonAttentionMetadata's order."""
+        attention metadata's packed arrays."""
         arrays = batch_arrays(_empty_layout(), self.backend.block_q, self._shape(size))
         return [size, size, size] + [a.size for a in _metadata_arrays(arrays)]
 
@@ -134,15 +140,14 @@ class CudaGraphs:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, TritonAttentionMetadata]:
         lengths = self._field_lengths(size)
         parts = list(self.buffer[: sum(lengths)].split(lengths))
-        ids, positions, logits_rows, slots, tables, *rest = parts
+        ids, positions, logits_rows, slots, *rest = parts
         meta = TritonAttentionMetadata(
-            slots, tables.view(size, -1), *rest, block_q=self.backend.block_q,
+            slots, self.tables[:size], *rest, block_q=self.backend.block_q,
             num_splits=split_count(len(rest[-1]), self.backend.num_kv_heads))
         return ids, positions, logits_rows, meta
 
-    def _pack(self, step: ForwardInputs, size: int) -> np.ndarray:
+    def _pack(self, step: ForwardInputs, size: int, arrays: TritonBatchArrays) -> np.ndarray:
         t, r = step.layout.num_tokens, step.logits_rows.shape[0]
-        arrays = batch_arrays(step.layout, self.backend.block_q, self._shape(size))
         head = np.zeros(3 * size, dtype=np.int64)
         head[:t] = step.token_ids
         head[size : size + t] = step.layout.positions
@@ -151,7 +156,8 @@ class CudaGraphs:
 
 
 def _metadata_arrays(arrays: TritonBatchArrays) -> list[np.ndarray]:
-    return [arrays.slot_mapping, arrays.block_tables, arrays.context_lens, arrays.query_starts,
+    """The packed ones, in TritonAttentionMetadata's order (the block tables go apart)."""
+    return [arrays.slot_mapping, arrays.context_lens, arrays.query_starts,
             arrays.query_lens, arrays.qblock_seq, arrays.qblock_first]
 
 

@@ -131,10 +131,10 @@ def test_padded_arrays_give_the_same_rows():
     heads, kv_heads, dim, block_size = 4, 2, 16, 4
     layout = make_step([(1, 9), (3, 7)], block_size, 8)
     backend = TritonBackend(heads, kv_heads)
-    pad = PaddedShape(num_tokens=8, num_seqs=8, table_width=6)
+    pad = PaddedShape(num_tokens=8, num_seqs=8)
     arrays = batch_arrays(layout, backend.block_q, pad)
     assert arrays.slot_mapping.shape == (8,) and (arrays.slot_mapping[4:] == -1).all()
-    assert arrays.block_tables.shape == (8, 6)
+    assert arrays.block_tables.shape == (2, 3) and arrays.query_lens.shape == (8,)
     assert len(arrays.qblock_seq) == max_query_blocks(8, 8, backend.block_q)
     torch.manual_seed(0)
     q = torch.randn(8, heads, dim, device=DEVICE)
@@ -142,7 +142,11 @@ def test_padded_arrays_give_the_same_rows():
     caches = torch.randn(2, 8, block_size, kv_heads, dim, device=DEVICE)
     plain_caches = caches.clone()
     layer = backend.layer(heads, kv_heads, dim)
-    padded = layer.forward(q, k, v, caches[0], caches[1], backend.to_device(arrays, DEVICE))
+    meta = backend.to_device(arrays, DEVICE)
+    wide = torch.full((8, 6), 7, dtype=torch.int64, device=DEVICE)  # a graph's table buffer:
+    wide[:2, :3] = meta.block_tables  # the step fills its own rows and columns; the rest is stale
+    meta.block_tables = wide
+    padded = layer.forward(q, k, v, caches[0], caches[1], meta)
     plain = layer.forward(q[:4], k[:4], v[:4], plain_caches[0], plain_caches[1],
                           backend.metadata(layout, DEVICE, torch.float32))
     torch.testing.assert_close(padded[:4], plain)
