@@ -59,6 +59,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workload", choices=WORKLOADS, default="pika")
     g.add_argument("--dataset", type=Path, help="JSONL file for --workload file: one request body per line")
     g.add_argument("--pika-dir", type=Path, help="directory with the Pika files (default: the copy bundled in pikaserve.data)")
+    g.add_argument("--pika-turns", type=Path, nargs="+", default=[], metavar="FILE",
+                   help="JSONL files of Pika turns (turns.jsonl's fields) to send instead of the bundled ~960")
+    g.add_argument("--allow-repeats", action="store_true",
+                   help="pika: cycle through the turns when the run needs more (by default each turn is sent once per run)")
     g.add_argument("--pika-schema", choices=PIKA_SCHEMA_FORMS, default="json_schema",
                    help="how the answer schema is sent as response_format: OpenAI json_schema, json_object+schema "
                         "(llama-cpp-python's form), or none; answers are checked against it either way")  # fmt: skip
@@ -119,6 +123,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         endpoint=args.endpoint,
         workload=args.workload,
         pika_dir=args.pika_dir,
+        pika_turns=tuple(args.pika_turns),
+        allow_repeats=args.allow_repeats,
         pika_schema=args.pika_schema,
         dataset=args.dataset,
         input_len=args.input_len,

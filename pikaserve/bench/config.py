@@ -71,6 +71,8 @@ class BenchConfig:
     pika_dir: Path | None = None
     pika_schema: str = "json_schema"  # how to send the answer schema (PIKA_SCHEMA_FORMS); checked either way
     dataset: Path | None = None  # JSONL file for workload "file"
+    pika_turns: tuple[Path, ...] = ()  # JSONL turn files sent instead of the bundled Pika turns
+    allow_repeats: bool = False  # let a send-once workload (pika) cycle through its requests
     input_len: int = 256
     output_len: int = 64
     range_ratio: float = 0.0

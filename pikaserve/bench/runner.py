@@ -12,6 +12,7 @@ A server's throughput is measured over the time its own rounds took.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import math
 import time
@@ -27,7 +28,7 @@ from pikaserve.bench.config import BenchConfig, LoadPoint
 from pikaserve.bench.records import RequestRecord
 from pikaserve.bench.schedule import ArrivalSchedule
 from pikaserve.bench.stats import Metrics, compute_metrics
-from pikaserve.bench.workloads import SYNTHETIC, BenchRequest, Workload, check_endpoint, workload_from_config
+from pikaserve.bench.workloads import SYNTHETIC, BenchRequest, Workload, check_endpoint, requests_per_point, workload_from_config
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +235,7 @@ def run_bench(config: BenchConfig, progress: ProgressHook | None = None) -> Benc
     try:
         workload = workload_from_config(config, tokenizer.count if tokenizer is not None and tokenizer.available else None)
         check_endpoint(workload, config.endpoint)
+        config = dataclasses.replace(config, num_requests=requests_per_point(workload, config))
     finally:
         if tokenizer is not None:
             tokenizer.close()

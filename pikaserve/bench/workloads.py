@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -83,6 +84,9 @@ class Workload:
     requests: tuple[BenchRequest, ...]
     warmup: tuple[BenchRequest, ...]  # sent before measuring; not recorded
     tokens_exact: bool = False  # lengths were fitted with the server's tokenizer
+    # Each request stands for one real event that never recurs (a child's turn): a run may
+    # send each once, warm-up included, unless repeats are allowed (BenchConfig.allow_repeats).
+    send_once: bool = False
 
     def __post_init__(self) -> None:
         if not self.requests:
@@ -97,24 +101,27 @@ class Workload:
 PIKA_TURN_FILES = ("turns.jsonl", "train.jsonl", "dev.jsonl")
 
 
-def pika_workload(pika_dir: Path = PIKA, schema_form: str = "json_schema", max_tokens: int = PIKA_MAX_TOKENS, warmup: int = 0) -> Workload:
+def pika_workload(
+    pika_dir: Path = PIKA, schema_form: str = "json_schema", max_tokens: int = PIKA_MAX_TOKENS,
+    warmup: int = 0, turn_files: Sequence[Path] = (),
+) -> Workload:
     """The Pika classifier: one request per turn, answers always checked against the schema.
 
     `schema_form` says how the schema is sent: "json_schema" (OpenAI, vLLM), "json_object" with a
     `schema` key (llama-cpp-python's server, which rejects json_schema), or "none".
+    `turn_files`: JSONL files of turns (turns.jsonl's fields) to send instead of the bundled ones.
+    A turn is sent once per run (Workload.send_once).
     """
+    files = list(turn_files) or [pika_dir / name for name in PIKA_TURN_FILES if (pika_dir / name).is_file()]
     try:
         system = (pika_dir / "system_prompt.txt").read_text(encoding="utf-8")
         schema = json.loads((pika_dir / "answer.schema.json").read_text(encoding="utf-8"))
-        turns = [
-            json.loads(line)
-            for name in PIKA_TURN_FILES
-            if (pika_dir / name).is_file()
-            for line in (pika_dir / name).read_text(encoding="utf-8").splitlines()
-            if line.strip()
-        ]
+        turns = [json.loads(line) for f in files for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read the Pika workload from {pika_dir}: {exc}") from None
+        raise ValueError(f"cannot read the Pika workload from {pika_dir} ({', '.join(map(str, files))}): {exc}") from None
+    fields = {"previous_question", "previous_answer", "response_to_check"}
+    if not all(isinstance(t, dict) and fields <= t.keys() for t in turns):
+        raise ValueError(f"Pika turn files need one JSON object per line with the fields {', '.join(sorted(fields))}: {', '.join(map(str, files))}")
     checker = make_checker(schema)
     response_format = {
         "json_schema": {"type": "json_schema", "json_schema": {"name": "pika_answer", "schema": schema, "strict": True}},
@@ -131,7 +138,7 @@ def pika_workload(pika_dir: Path = PIKA, schema_form: str = "json_schema", max_t
         for turn in turns
     )
     # warm up on the last turns: the measured requests start at the first, so none repeats
-    return Workload("pika", requests, tuple(requests[-1 - i % len(requests)] for i in range(warmup)))
+    return Workload("pika", requests, tuple(requests[-1 - i % len(requests)] for i in range(warmup)), send_once=True)
 
 
 def fit_text(rng: random.Random, target: int, count: TokenCounter | None) -> str:
@@ -271,7 +278,7 @@ SYNTHETIC = ("random", "prefix-repetition")  # workloads whose lengths are fitte
 def workload_from_config(config: BenchConfig, count: TokenCounter | None) -> Workload:
     """Build the configured workload; `count` is the server's token counter, if it has one."""
     if config.workload == "pika":
-        return pika_workload(config.pika_dir or PIKA, config.pika_schema, PIKA_MAX_TOKENS, config.warmup)
+        return pika_workload(config.pika_dir or PIKA, config.pika_schema, PIKA_MAX_TOKENS, config.warmup, config.pika_turns)
     if config.workload == "file":
         return file_workload(Path(config.dataset or ""), config.warmup)
     if config.num_prompts is not None:
@@ -284,6 +291,28 @@ def workload_from_config(config: BenchConfig, count: TokenCounter | None) -> Wor
     return prefix_repetition_workload(
         n, config.num_prefixes, config.prefix_len, config.suffix_len, config.output_len, config.seed, count, config.warmup, ignore_eos
     )
+
+
+def requests_per_point(workload: Workload, config: BenchConfig) -> int | None:
+    """The run's requests per load point and server: config.num_requests, checked against a
+    send-once workload's supply (a ValueError when it cannot last), or for a --duration-only
+    run, that supply spread over the load points (None: unbounded)."""
+    if not workload.send_once or config.allow_repeats:
+        return config.num_requests
+    supply = len(workload.requests) - len(workload.warmup)
+    points = len(config.points)
+    if config.num_requests is None:
+        if supply < points:
+            raise ValueError(f"workload {workload.name!r} has {len(workload.requests)} distinct requests, too few for {points} load points after {len(workload.warmup)} warm-up")
+        return supply // points
+    need = points * config.num_requests
+    if need > supply:
+        raise ValueError(
+            f"workload {workload.name!r} has {len(workload.requests)} distinct requests and sends each once; this run needs "
+            f"{need + len(workload.warmup)} ({len(workload.warmup)} warm-up + {points} load points x {config.num_requests}). "
+            "Lower -n or --warmup, add turns with --pika-turns FILE, or pass --allow-repeats"
+        )
+    return config.num_requests
 
 
 def check_endpoint(workload: Workload, endpoint: str) -> None:

@@ -15,6 +15,7 @@ from pikaserve.bench.config import BenchConfig, LoadPoint
 from pikaserve.bench.runner import BenchResult, run_bench
 from pikaserve.bench.schedule import Arrival, arrival_offsets
 from pikaserve.bench.stats import parse_slos
+from pikaserve.bench.workloads import pika_workload
 
 from .conftest import JITTER
 from .fake_openai import FakeOpenAIServer, Plan, user_text
@@ -189,3 +190,49 @@ def test_pika_turns_never_repeat_within_the_labelled_set(fake_server: Factory) -
     bench(server, workload="pika", num_requests=120, warmup=3, points=(LoadPoint(concurrency=8),))
     turns = [user_text(r.body) for r in server.completions()]
     assert len(turns) == 123 and len(set(turns)) == 123
+
+
+def pika_answer(body: dict[str, Any]) -> Plan:
+    return Plan(chunks=[(0.0, '{"emotion":"happy","learn_score":true}')], usage_tokens=9)
+
+
+def write_turns(path: Path, n: int) -> Path:
+    turns = [{"previous_question": "What color is it?", "previous_answer": f"blue {i}", "response_to_check": "Great!"} for i in range(n)]
+    path.write_text("".join(json.dumps(t) + "\n" for t in turns), encoding="utf-8")
+    return path
+
+
+def test_pika_run_that_needs_more_turns_than_it_has_is_refused(fake_server: Factory, tmp_path: Path) -> None:
+    server = fake_server(pika_answer)
+    turns = write_turns(tmp_path / "turns.jsonl", 10)
+    points = (LoadPoint(concurrency=1), LoadPoint(concurrency=2))
+    with pytest.raises(ValueError, match=r"10 distinct requests and sends each once; this run needs 12 \(2 warm-up \+ 2 load points x 5\)"):
+        bench(server, workload="pika", pika_turns=(turns,), num_requests=5, warmup=2, points=points)
+    assert not server.completions()  # refused before anything was sent
+    bench(server, workload="pika", pika_turns=(turns,), num_requests=4, warmup=2, points=points)
+    sent = [user_text(r.body) for r in server.completions()]
+    assert len(sent) == 10 and len(set(sent)) == 10  # every turn exactly once
+
+
+def test_pika_repeats_only_when_allowed(fake_server: Factory, tmp_path: Path) -> None:
+    server = fake_server(pika_answer)
+    turns = write_turns(tmp_path / "turns.jsonl", 3)
+    result = bench(server, workload="pika", pika_turns=(turns,), num_requests=7, allow_repeats=True)
+    sent = [user_text(r.body) for r in server.completions()]
+    assert len(sent) == 7 and len(set(sent)) == 3 and result.points[0].servers[0].metrics.completed == 7
+
+
+def test_pika_duration_run_stops_when_its_turns_run_out(fake_server: Factory, tmp_path: Path) -> None:
+    server = fake_server(pika_answer)
+    turns = write_turns(tmp_path / "turns.jsonl", 9)
+    points = (LoadPoint(concurrency=2), LoadPoint(concurrency=4))
+    bench(server, workload="pika", pika_turns=(turns,), num_requests=None, duration_s=30.0, warmup=1, points=points)
+    sent = [user_text(r.body) for r in server.completions()]
+    assert len(sent) == 9 and len(set(sent)) == 9  # 1 warm-up + 2 points x 4, well before 30 s
+
+
+def test_pika_turn_files_must_have_the_turn_fields(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "hi"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="previous_answer, previous_question, response_to_check"):
+        pika_workload(turn_files=(bad,))
