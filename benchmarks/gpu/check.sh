@@ -7,9 +7,17 @@
 # Budget: ~6 minutes on one H100/H200 (tests <= 4, benchmark <= 5, each under its own timeout).
 # Results go to benchmarks/results/gpu/ (and are copied to $OUT when that is set, as the
 # device runner does). A failing step is recorded and the next one still runs.
+#
+# `check.sh --smoke` checks the script itself on a CPU (CUDA tests skip, the benchmark runs a
+# few requests per section) and writes to /tmp/pikaserve-gpu-smoke instead.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 RESULTS=benchmarks/results/gpu
+SMOKE=()
+if [ "${1:-}" = "--smoke" ]; then
+    RESULTS=/tmp/pikaserve-gpu-smoke
+    SMOKE=(--smoke)
+fi
 mkdir -p "$RESULTS"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -23,7 +31,7 @@ else
     echo "no benchmarks/gpu/wheels: run benchmarks/gpu/prepare.sh first (see docs/gpu.md)" >&2
 fi
 {
-    nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv
+    nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv || true
     python -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0]); \
 print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); \
 print('transformers', transformers.__version__)"
@@ -39,7 +47,8 @@ timeout 240 python -m pytest -q -p no:cacheprovider -o addopts="" \
 tests_rc=${PIPESTATUS[0]}
 
 # 2. Timing: Pika offline and over HTTP (1, 64, 256 clients), batch-1 decode, transformers.
-timeout 300 python benchmarks/gpu/bench_gpu.py --out "$RESULTS" 2>&1 | tee "$RESULTS/bench.txt"
+timeout 300 python benchmarks/gpu/bench_gpu.py --out "$RESULTS" "${SMOKE[@]}" 2>&1 \
+    | tee "$RESULTS/bench.txt"
 bench_rc=${PIPESTATUS[0]}
 
 echo "tests exit $tests_rc, benchmark exit $bench_rc" | tee -a "$RESULTS/machine.txt"
