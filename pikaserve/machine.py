@@ -35,6 +35,23 @@ def cpu_flags() -> list[str]:
     return []
 
 
+def kernel_isas() -> dict[str, str]:
+    """The instruction sets torch's and oneDNN's CPU kernels may use: the CPU's, unless capped
+    by ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA (e.g. to run an AVX512 machine as an AVX2 one)."""
+    import torch
+
+    return {
+        "torch": torch.backends.cpu.get_cpu_capability(),
+        "onednn_cap": onednn_isa_cap() or "none",
+    }
+
+
+def onednn_isa_cap() -> str | None:
+    """ONEDNN_MAX_CPU_ISA (or its old name DNNL_MAX_CPU_ISA), upper-cased; None when unset."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return cap.upper() if cap else None
+
+
 def _git_commit() -> str | None:
     try:
         return subprocess.run(
@@ -59,6 +76,7 @@ def describe_machine() -> dict[str, Any]:
         import torch
 
         info["torch"] = torch.__version__
+        info["kernel_isas"] = kernel_isas()
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
     except ImportError:

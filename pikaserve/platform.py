@@ -8,6 +8,7 @@ import logging
 import torch
 
 from pikaserve.config import ConfigError, EngineConfig, default_num_threads
+from pikaserve.machine import cpu_flags, kernel_isas, onednn_isa_cap
 
 logger = logging.getLogger(__name__)
 
@@ -31,15 +32,30 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) under which it still runs bfloat16 matmuls natively
+_BF16_ISAS = frozenset({
+    "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16",
+    "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512",
+    "AVX10_2_512_AMX_2", "ALL",
+})
+
+
 @functools.cache
 def cpu_has_fast_bf16() -> bool:
-    """AVX512-BF16 or AMX: oneDNN runs bf16 matmuls natively (measured ~3-10x fp32 at batch)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    """AVX512-BF16 or AMX, and oneDNN not capped below them: oneDNN then runs bf16 matmuls
+    natively (measured ~3-10x fp32 at batch). Capped (ONEDNN_MAX_CPU_ISA=AVX2), it refuses
+    them as it would on an AVX2 CPU, so the engine chooses as it would there."""
+    flags = set(cpu_flags())
+    return bool(flags & {"avx512_bf16", "amx_bf16"}) and (onednn_isa_cap() or "ALL") in _BF16_ISAS
+
+
+def describe_cpu(dtype: torch.dtype, int4_max_rows: int) -> str:
+    """One line for the start-up log: what the CPU has and which kernels the engine chose."""
+    isas = kernel_isas()
+    matmul = "bfloat16, native" if dtype == torch.bfloat16 and cpu_has_fast_bf16() else str(dtype).removeprefix("torch.")
+    int4 = f"; Q4 GGUF weights used as 4-bit for steps of <= {int4_max_rows} rows" if int4_max_rows else ""
+    return (f"CPU flags {' '.join(cpu_flags()) or 'none of note'}; torch kernels {isas['torch']}, "
+            f"oneDNN cap {isas['onednn_cap']}; matmuls {matmul} (oneDNN, weights reordered once){int4}")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

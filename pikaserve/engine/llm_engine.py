@@ -28,7 +28,7 @@ from pikaserve.errors import InvalidRequestError
 from pikaserve.kv.block_pool import BlockPool
 from pikaserve.model.loader import load_model, resolve_model_path
 from pikaserve.platform import (
-    configure_threads, resolve_device, resolve_dtype, resolve_kv_cache_dtype)
+    configure_threads, describe_cpu, resolve_device, resolve_dtype, resolve_kv_cache_dtype)
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,8 @@ class LLMEngine:
             loaded.backend.name, self.load_seconds, num_blocks, config.block_size,
             str(kv_dtype).removeprefix("torch."),
         )
+        if self.device.type == "cpu":
+            logger.info(describe_cpu(self.dtype, loaded.model.int4_rows()))
 
     # --- requests -----------------------------------------------------------------------
     def add_request(

@@ -258,6 +258,11 @@ class LlamaForCausalLM(nn.Module):
         if "lm_head.weight" in int4 and can_pack(self.lm_head.shape):
             self.lm_head.use_int4(int4["lm_head.weight"], max_rows)
 
+    def int4_rows(self) -> int:
+        """The most rows a step may have for the layers to use their 4-bit weights (0: none)."""
+        return max((m.int4_max_rows for m in self.modules()
+                    if isinstance(m, Linear) and m.int4 is not None), default=0)
+
     def reorder_for_onednn(self) -> None:
         """CPU: reorder every matmul weight once (model/onednn_weights.py). The LM head keeps
         its plain weight: it may be the embedding table, and grammar-held steps take rows of it."""

@@ -33,3 +33,45 @@ def test_bf16_matches_fp32_on_pika_turns(default_llm_fp32):
     for answer in reference + lower:
         assert answer["emotion"] in LABELS and isinstance(answer["learn_score"], bool)
     assert sum(a == b for a, b in zip(reference, lower)) >= MIN_AGREEMENT
+
+
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+AVX2_PROBE = """
+import json, os, sys
+import torch
+from pikaserve.llm import LLM
+from pikaserve.platform import cpu_has_fast_bf16
+sys.path.insert(0, os.environ["TESTS_DIR"])
+from test_precision_agreement import answers
+llm = LLM()
+print(json.dumps({
+    "torch_isa": torch.backends.cpu.get_cpu_capability(),
+    "fast_bf16": cpu_has_fast_bf16(),
+    "dtype": str(llm.engine.dtype),
+    "int4_rows": llm.engine.runner.model.int4_rows(),
+    "answers": answers(llm),
+}))
+"""
+
+
+@pytest.mark.slow
+def test_forced_avx2_choices_give_the_fp32_answers(default_llm_fp32, tmp_path):
+    """An AVX512 machine run as an AVX2 one (torch's and oneDNN's ISA caps) chooses what an
+    AVX2 CPU gets by default (float32, no 4-bit path), the caps take effect, and its answers
+    are the float32 reference's. On an AVX2-only CPU this is the plain default path."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, **AVX2_ENV, "TESTS_DIR": str(Path(__file__).parent), "ONEDNN_VERBOSE": "1"}
+    run = subprocess.run([sys.executable, "-c", AVX2_PROBE], env=env, capture_output=True,
+                         text=True, timeout=600, check=True)
+    probe = json.loads(run.stdout.strip().splitlines()[-1])
+    assert probe["torch_isa"] == "AVX2" and not probe["fast_bf16"]
+    assert "isa:Intel AVX2" in run.stdout + run.stderr  # oneDNN's own report of its ISA
+    assert probe["dtype"] == "torch.float32" and probe["int4_rows"] == 0
+    reference = answers(default_llm_fp32)
+    for answer in probe["answers"]:
+        assert answer["emotion"] in LABELS and isinstance(answer["learn_score"], bool)
+    assert sum(a == b for a, b in zip(reference, probe["answers"])) >= MIN_AGREEMENT
