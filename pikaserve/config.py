@@ -57,6 +57,11 @@ class EngineConfig:
     # CPU + bfloat16: passes of at most this many rows multiply by a Q4 GGUF's 4-bit weights
     # directly (memory-bound, ~4x fewer bytes); bigger ones by the dequantized copy. 0: never.
     int4_max_rows: int = 12
+    # CPU + float32: passes of at most this many rows multiply by int8 copies of the weights
+    # with bfloat16 activations (model/int8_weights.py; ~1% off float32, like bfloat16).
+    # None: 2 when dtype "auto" chose float32 (CPUs without native bf16), else 0 (an
+    # explicit float32 stays exact). 0: never.
+    int8_max_rows: int | None = None
     tensor_parallel_size: int = 1  # only 1 so far
     # CUDA: steps of up to this many tokens replay a captured CUDA graph (engine/cuda_graphs.py,
     # sizes 1, 2, 4, ... up to it); enforce_eager turns graphs off.
@@ -76,6 +81,8 @@ class EngineConfig:
             raise ConfigError("max_num_batched_tokens must be >= 1")
         if self.int4_max_rows < 0:
             raise ConfigError("int4_max_rows must be >= 0")
+        if self.int8_max_rows is not None and self.int8_max_rows < 0:
+            raise ConfigError("int8_max_rows must be >= 0")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError("gpu_memory_utilization must be in (0, 1]")
         if not 0.0 < self.cpu_kv_cache_fraction < 1.0:

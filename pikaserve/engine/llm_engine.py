@@ -28,7 +28,8 @@ from pikaserve.errors import InvalidRequestError
 from pikaserve.kv.block_pool import BlockPool
 from pikaserve.model.loader import load_model, resolve_model_path
 from pikaserve.platform import (
-    configure_threads, describe_cpu, resolve_device, resolve_dtype, resolve_kv_cache_dtype)
+    configure_threads, describe_cpu, resolve_device, resolve_dtype, resolve_int8_rows,
+    resolve_kv_cache_dtype)
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,8 @@ class LLMEngine:
         kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.device) or self.dtype
         loaded = load_model(
             path, self.device, self.dtype, config.max_model_len, config.int4_max_rows,
-            config.attention_backend, kv_dtype,
+            resolve_int8_rows(config, self.device, self.dtype), config.attention_backend,
+            kv_dtype,
         )
         self.model_path = path
         self.model_config = loaded.config
@@ -100,7 +102,8 @@ class LLMEngine:
             str(kv_dtype).removeprefix("torch."),
         )
         if self.device.type == "cpu":
-            logger.info(describe_cpu(self.dtype, loaded.model.int4_rows()))
+            model = loaded.model
+            logger.info(describe_cpu(self.dtype, model.int4_rows(), model.int8_rows()))
 
     # --- requests -----------------------------------------------------------------------
     def add_request(

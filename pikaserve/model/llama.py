@@ -17,6 +17,7 @@ from pikaserve.attention.backend import AttentionBackend
 from pikaserve.model import onednn_weights
 from pikaserve.model.checkpoint import ModelLoadError
 from pikaserve.model.int4_weights import Int4Groups, PackedInt4, can_pack
+from pikaserve.model.int8_weights import Int8Weight
 from pikaserve.model.model_config import ModelConfig
 from pikaserve.model.rope import RotaryEmbedding, apply_rotary
 
@@ -37,11 +38,18 @@ class Linear(nn.Module):
         self.bias = _weight(out_features, factory=factory) if bias else None
         self.int4: PackedInt4 | None = None
         self.int4_max_rows = 0
+        self.int8: Int8Weight | None = None
+        self.int8_max_rows = 0
         self.reordered: torch.Tensor | None = None
 
     def use_int4(self, groups: Int4Groups, max_rows: int) -> None:
         """Multiply inputs of at most `max_rows` rows by 4-bit weights (model/int4_weights.py)."""
         self.int4, self.int4_max_rows = PackedInt4(groups), max_rows
+
+    def use_int8(self, max_rows: int) -> None:
+        """Multiply float32 inputs of at most `max_rows` rows by an int8 copy of the weight
+        (model/int8_weights.py)."""
+        self.int8, self.int8_max_rows = Int8Weight(self.weight), max_rows
 
     def reorder_for_onednn(self, keep_plain: bool) -> None:
         """Use a oneDNN-layout copy of the weight (model/onednn_weights.py) where available;
@@ -53,6 +61,9 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.int4 is not None and x.shape[0] <= self.int4_max_rows:
             y = self.int4.matmul(x)
+            return y if self.bias is None else y + self.bias
+        if self.int8 is not None and x.shape[0] <= self.int8_max_rows:
+            y = self.int8.matmul(x)
             return y if self.bias is None else y + self.bias
         if self.reordered is not None:
             return onednn_weights.linear(x, self.reordered, self.bias)
@@ -262,6 +273,19 @@ class LlamaForCausalLM(nn.Module):
         """The most rows a step may have for the layers to use their 4-bit weights (0: none)."""
         return max((m.int4_max_rows for m in self.modules()
                     if isinstance(m, Linear) and m.int4 is not None), default=0)
+
+    def use_int8(self, max_rows: int) -> None:
+        """CPU + float32: every matmul, LM head included, gets an int8 copy of its weight for
+        passes of at most `max_rows` rows (model/int8_weights.py). Before reorder_for_onednn,
+        which may drop the plain weights."""
+        for layer in self.layers:
+            for linear in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
+                linear.use_int8(max_rows)
+        self.lm_head.use_int8(max_rows)
+
+    def int8_rows(self) -> int:
+        """The most rows a step may have for the layers to use their int8 weights (0: none)."""
+        return self.lm_head.int8_max_rows if self.lm_head.int8 is not None else 0
 
     def reorder_for_onednn(self) -> None:
         """CPU: reorder every matmul weight once (model/onednn_weights.py). The LM head keeps

@@ -107,11 +107,13 @@ def load_model(
     dtype: torch.dtype,
     max_positions: int | None,
     int4_max_rows: int = 0,
+    int8_max_rows: int = 0,
     attention_backend: str = "torch",
     kv_cache_dtype: torch.dtype | None = None,
 ) -> LoadedModel:
     """int4_max_rows > 0: passes of at most that many rows use a Q4 GGUF's packed 4-bit
-    weights; only torch's CPU kernel for bfloat16 exists (its float32 path is ~10x slower)."""
+    weights; only torch's CPU kernel for bfloat16 exists (its float32 path is ~10x slower).
+    int8_max_rows > 0 (CPU + float32): such passes use int8 copies of the weights."""
     use_int4 = int4_max_rows > 0 and device.type == "cpu" and dtype == torch.bfloat16
     checkpoint, tokenizer = load_checkpoint(path, dtype, keep_int4=use_int4)
     config = ModelConfig.from_hf(checkpoint.config)
@@ -122,6 +124,8 @@ def load_model(
     if checkpoint.int4:
         model.use_int4(checkpoint.int4, int4_max_rows)
     model.load_hf_tensors(checkpoint.tensors)
+    if int8_max_rows > 0 and device.type == "cpu" and dtype == torch.float32:
+        model.use_int8(int8_max_rows)
     if device.type == "cpu":
         model.reorder_for_onednn()
     model.eval()

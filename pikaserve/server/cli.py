@@ -69,6 +69,8 @@ FLAGS = (
     Flag("num-threads", "engine", type=int, help="CPU threads (default: all cores)"),
     Flag("int4-max-rows", "engine", type=int, help="CPU + bfloat16: steps of at most this "
          "many rows multiply by a Q4 GGUF's 4-bit weights directly (12); 0: never"),
+    Flag("int8-max-rows", "engine", type=int, help="CPU + float32: steps of at most this many "
+         "rows use int8 weights (default 2 when dtype auto chose float32; 0: never)"),
     Flag("structured-output-draft", "engine", "toggle", help="guess a grammar's next choice "
          "and compute it with the tokens forced after it in the same pass (on by default)"),
     Flag("host", "server", help="address to bind (127.0.0.1)"),

@@ -49,6 +49,7 @@ print(json.dumps({
     "fast_bf16": cpu_has_fast_bf16(),
     "dtype": str(llm.engine.dtype),
     "int4_rows": llm.engine.runner.model.int4_rows(),
+    "int8_rows": llm.engine.runner.model.int8_rows(),
     "answers": answers(llm),
 }))
 """
@@ -57,8 +58,9 @@ print(json.dumps({
 @pytest.mark.slow
 def test_forced_avx2_choices_give_the_fp32_answers(default_llm_fp32, tmp_path):
     """An AVX512 machine run as an AVX2 one (torch's and oneDNN's ISA caps) chooses what an
-    AVX2 CPU gets by default (float32, no 4-bit path), the caps take effect, and its answers
-    are the float32 reference's. On an AVX2-only CPU this is the plain default path."""
+    AVX2 CPU gets by default (float32, int8 weights for 1-2-row steps, no 4-bit path), the
+    caps take effect, and its answers are the exact float32 reference's. On an AVX2-only CPU
+    this is the plain default path."""
     import os
     import subprocess
     import sys
@@ -71,6 +73,7 @@ def test_forced_avx2_choices_give_the_fp32_answers(default_llm_fp32, tmp_path):
     assert probe["torch_isa"] == "AVX2" and not probe["fast_bf16"]
     assert "isa:Intel AVX2" in run.stdout + run.stderr  # oneDNN's own report of its ISA
     assert probe["dtype"] == "torch.float32" and probe["int4_rows"] == 0
+    assert probe["int8_rows"] == 2 and default_llm_fp32.engine.runner.model.int8_rows() == 0
     reference = answers(default_llm_fp32)
     for answer in probe["answers"]:
         assert answer["emotion"] in LABELS and isinstance(answer["learn_score"], bool)

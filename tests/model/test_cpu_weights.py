@@ -60,9 +60,9 @@ def assert_close_at_scale(got: torch.Tensor, want: torch.Tensor, fraction: float
     assert worst <= fraction * want.abs().max().item(), worst
 
 
-def prefill_logits(llm: LLM, prompt: list[int], **kw) -> torch.Tensor:
-    """The model's next-token logits after `prompt`, from one prefill pass written to the first
-    KV blocks of an idle engine."""
+def prefill_logits(llm: LLM, prompt: list[int], every_row: bool = False, **kw) -> torch.Tensor:
+    """The model's next-token logits after `prompt` (after each of its tokens with
+    `every_row`), from one prefill pass written to the first KV blocks of an idle engine."""
     n = len(prompt)
     blocks = -(-n // llm.engine.config.block_size)
     meta = AttentionMetadata(
@@ -72,8 +72,9 @@ def prefill_logits(llm: LLM, prompt: list[int], **kw) -> torch.Tensor:
     )
     runner = llm.engine.runner
     ids, positions = torch.tensor(prompt), torch.arange(n)
-    logits, _ = runner.model(ids, positions, runner.kv_caches, meta, torch.tensor([n - 1]), **kw)
-    return logits[0]
+    rows = torch.arange(n) if every_row else torch.tensor([n - 1])
+    logits, _ = runner.model(ids, positions, runner.kv_caches, meta, rows, **kw)
+    return logits if every_row else logits[0]
 
 
 def test_model_uses_int4_for_few_rows_and_agrees_with_bf16(tiny_gguf):
@@ -90,6 +91,32 @@ def test_model_uses_int4_for_few_rows_and_agrees_with_bf16(tiny_gguf):
 def test_int4_only_for_bfloat16_on_cpu(tiny_gguf):
     llm = LLM(str(tiny_gguf("llama", Q.Q4_1).path), dtype="float32")
     assert all(layer.qkv_proj.int4 is None for layer in llm.engine.runner.model.layers)
+
+
+def test_int8_weights_for_few_rows_agree_with_float32(tiny_model_dir):
+    """int8 copies (bfloat16 activations) serve passes of <= 2 rows; more rows, and a model
+    whose float32 was asked for explicitly, stay exact float32."""
+    path = str(tiny_model_dir("llama"))
+    int8 = LLM(path, dtype="float32", int8_max_rows=2)
+    exact = LLM(path, dtype="float32")
+    model = int8.engine.runner.model
+    assert model.int8_rows() == 2 and exact.engine.runner.model.int8_rows() == 0
+    assert all(layer.gate_up_proj.int8 is not None for layer in model.layers)
+    for prompt in ([1, 5], [7]):  # <= 2 rows: the int8 path, ~1% off
+        assert_close_at_scale(prefill_logits(int8, prompt), prefill_logits(exact, prompt))
+    long_prompt = [1, 7, 3, 8, 2, 6]  # 6 rows, LM head over all 6: float32, bit for bit
+    assert torch.equal(prefill_logits(int8, long_prompt, every_row=True),
+                       prefill_logits(exact, long_prompt, every_row=True))
+
+
+def test_int8_weight_matmul_against_float32():
+    from pikaserve.model.int8_weights import Int8Weight
+
+    torch.manual_seed(0)
+    weight, x = torch.randn(96, 64) * 0.05, torch.randn(3, 64)
+    got, want = Int8Weight(weight).matmul(x), x @ weight.T
+    assert got.dtype == torch.float32
+    assert_close_at_scale(got, want, fraction=0.01)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
