@@ -47,8 +47,9 @@ class Sampler:
             rows = torch.tensor(sampled_rows, device=logits.device)
             chosen = _sample(logits[rows], [requests[i] for i in sampled_rows], self.generator)
             tokens[rows] = chosen
-        token_list = tokens.tolist()
-        return SampleResult(token_list, _gather_logprobs(raw_logprobs, token_list, requests))
+        if raw_logprobs is None:
+            return SampleResult(tokens.tolist(), [None] * len(requests))
+        return _with_logprobs(raw_logprobs, tokens, requests)
 
 
 def apply_constraints(
@@ -150,18 +151,21 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tens
     return logits
 
 
-def _gather_logprobs(
-    raw: torch.Tensor | None, tokens: list[int], requests: list[Request]
-) -> list[tuple[float, list[tuple[int, float]]] | None]:
-    if raw is None:
-        return [None] * len(requests)
-    rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
-    out: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(requests)
-    k = max(requests[i].params.logprobs for i in rows)
-    top_vals, top_ids = raw[rows].topk(max(k, 1), dim=-1) if k else (None, None)
-    chosen = raw[rows, [tokens[i] for i in rows]].tolist()
-    for j, i in enumerate(rows):
-        n = requests[i].params.logprobs
-        alts = list(zip(top_ids[j, :n].tolist(), top_vals[j, :n].tolist())) if n else []
-        out[i] = (chosen[j], alts)
-    return out
+def _with_logprobs(raw: torch.Tensor, tokens: torch.Tensor, requests: list[Request]) -> SampleResult:
+    """Tokens, and each asking row's chosen logprob and top alternatives, read back from the
+    device in one copy: ids travel as float32 (exact below 2**24) beside the logprobs."""
+    k = max(r.params.logprobs or 0 for r in requests)
+    chosen = raw.gather(1, tokens[:, None])
+    top_vals, top_ids = raw.topk(k, dim=-1) if k else (raw[:, :0], raw[:, :0])
+    packed = torch.cat([tokens[:, None].float(), chosen, top_vals, top_ids.float()], dim=1)
+    rows = packed.cpu().tolist()
+    token_ids = [int(row[0]) for row in rows]
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None] = []
+    for r, row in zip(requests, rows):
+        n = r.params.logprobs
+        if n is None:
+            logprobs.append(None)
+            continue
+        alts = [(int(t), v) for t, v in zip(row[2 + k : 2 + k + n], row[2 : 2 + n])]
+        logprobs.append((row[1], alts))
+    return SampleResult(token_ids, logprobs)
