@@ -195,8 +195,8 @@ def transformers_reference(model: Path, device: str, runs: int) -> dict:
     import transformers
 
     tok = transformers.AutoTokenizer.from_pretrained(model)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
-    hf = hf.to(device).eval()
+    # cast after loading: older transformers ignore `dtype=`
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model).to(device, torch.bfloat16).eval()
     turns, _ = pika_requests()
     result = {}
     ids = tok.apply_chat_template(turns[0], add_generation_prompt=True, return_tensors="pt")

@@ -45,7 +45,8 @@ def test_greedy_matches_transformers_on_cuda(kind, dtype, tiny_model_dir):
     import transformers
 
     path = tiny_model_dir(kind)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).cuda().eval()
+    # cast after loading: older transformers (on GPU machines) ignore `dtype=`
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path).to("cuda", DTYPES[dtype]).eval()
     llm = LLM(str(path), dtype=dtype, device="cuda")
     assert llm.engine.runner.backend.name == "triton" and llm.engine.runner.graphs is not None
     for out in greedy(llm, PROMPTS):
@@ -60,7 +61,7 @@ def test_float32_matches_transformers_exactly(kind, tiny_model_dir):
 
     path = tiny_model_dir(kind)
     hf = transformers.AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, attn_implementation="eager").cuda().eval()
+        path, attn_implementation="eager").to("cuda", torch.float32).eval()
     llm = LLM(str(path), dtype="float32", device="cuda")
     assert_matches_reference(llm, hf, PROMPTS, max_tokens=NEW_TOKENS)
 
