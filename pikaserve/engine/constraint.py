@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 
@@ -29,6 +30,11 @@ class Draft:
 class Constraint(Protocol):
     def mask_logits(self, logits: torch.Tensor) -> None:
         """Set the logits of tokens the grammar forbids next to -inf, in place (one row)."""
+
+    def allow_bits(self, row: np.ndarray) -> None:
+        """Set the bits of the tokens the grammar allows next in `row`, a packed token bitmask
+        (uint8, token t at bit t % 8 of byte t // 8); the others are left as they are. Off a
+        CPU the engine masks all rows of a step from one such bitmask, copied once."""
 
     def allowed_tokens(self) -> list[int] | None:
         """The tokens the grammar allows next when they are few, else None. The engine then

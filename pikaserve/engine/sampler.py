@@ -57,10 +57,11 @@ def apply_constraints(
 ) -> None:
     """Sets every logit a request's grammar forbids to -inf, in place.
 
-    On a CPU each row is masked where it lies. Elsewhere the rows' masks are made on the host
-    (the constraints' own numpy path), packed 32x into a bitmask, copied to the device once and
-    applied to all rows in one go: a handful of kernels per step instead of a few per row.
-    `batched` forces either way (None: batched off the CPU).
+    On a CPU each row is masked where it lies. Elsewhere each constrained row's allowed tokens
+    go into one packed token bitmask on the host (as llguidance computes them, 8 tokens a
+    byte), which is copied to the device once and applied to all rows together: a handful of
+    kernels per step instead of a few per row. `batched` forces either way (None: batched
+    off the CPU).
     """
     rows = [i for i, r in enumerate(requests) if r.constraint is not None]
     if not (logits.device.type != "cpu" if batched is None else batched):
@@ -68,13 +69,12 @@ def apply_constraints(
             requests[i].constraint.mask_logits(logits[i])
         return
     vocab = logits.shape[1]
-    host = torch.zeros((len(rows), vocab), dtype=torch.float32)
+    allowed = np.zeros((len(rows), -(-vocab // 8)), dtype=np.uint8)
     for j, i in enumerate(rows):
-        requests[i].constraint.mask_logits(host[j])
-    packed = np.packbits(np.isneginf(host.numpy()), axis=1, bitorder="little")
-    bits = torch.from_numpy(packed).to(logits.device, non_blocking=True)
+        requests[i].constraint.allow_bits(allowed[j])
+    bits = torch.from_numpy(allowed).to(logits.device, non_blocking=True)
     shifts = torch.arange(8, dtype=torch.uint8, device=logits.device)
-    forbidden = ((bits.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1)[:, :vocab].bool()
+    forbidden = ((bits.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1)[:, :vocab] == 0
     index = torch.tensor(rows, device=logits.device)
     masked = logits.index_select(0, index).masked_fill_(forbidden, float("-inf"))
     logits.index_copy_(0, index, masked)

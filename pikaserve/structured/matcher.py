@@ -80,6 +80,16 @@ class _Mask:
         if n > m:  # model rows past the tokenizer's vocabulary (padding)
             row[m:] = NEG_INF
 
+    def allow_bits(self, row: np.ndarray) -> None:
+        """Sets the bits of the allowed tokens in `row`, a packed bitmask (uint8, bit t % 8 of
+        byte t // 8 for token t, little-endian bit order); leaves the others as they are."""
+        if self.ids is not None:
+            ids = self.ids[self.ids < row.shape[0] * 8]
+            np.bitwise_or.at(row, ids >> 3, (1 << (ids & 7)).astype(np.uint8))
+            return
+        packed = np.packbits(~self.forbidden, bitorder="little")
+        row[: len(packed)] |= packed[: row.shape[0]]
+
     def _tensor(self, a: np.ndarray, device: torch.device) -> torch.Tensor:
         if self._on is None or self._on[0] != device or self._on[1].shape[0] != len(a):
             self._on = (device, torch.from_numpy(np.ascontiguousarray(a)).to(device))
@@ -152,6 +162,15 @@ class GrammarMatcher:
             _keep_ids(logits, self._info.eos_token_ids)  # finished or failed: end the answer
         else:
             self._mask.apply(logits)
+
+    def allow_bits(self, row: np.ndarray) -> None:
+        plan = self._ensure_plan()
+        if plan:
+            _Mask(ids=[plan[0]]).allow_bits(row)
+        elif self.error is not None or self._mask is None:
+            _Mask(ids=sorted(self._info.eos_token_ids)).allow_bits(row)
+        else:
+            self._mask.allow_bits(row)
 
     def allowed_tokens(self) -> list[int] | None:
         plan = self._ensure_plan()

@@ -118,11 +118,12 @@ def test_batched_grammar_masks_equal_per_row_masks(tiny_model_dir):
         StructuredOutputsParams(regex="[a-z ]+"),  # most tokens allowed: a bitmap
         None,
         StructuredOutputsParams(choice=["yes", "no"]),
+        StructuredOutputsParams(json={"type": "object"}),  # forced tokens left pending
     ]
     requests = []
-    for spec in specs:
+    for n, spec in enumerate(specs):
         constraint = None if spec is None else build_constraint(spec, tokenizer)
-        if constraint is not None:
+        if constraint is not None and n < 4:
             constraint.accept(constraint.forced_tokens())
         requests.append(Request("r", [1], SamplingParams(), None, frozenset(), constraint))
     logits = torch.randn(len(requests), 420)  # a model vocabulary past the tokenizer's
@@ -130,4 +131,4 @@ def test_batched_grammar_masks_equal_per_row_masks(tiny_model_dir):
     apply_constraints(per_row, requests, batched=False)
     apply_constraints(batched, requests, batched=True)
     assert torch.equal(per_row, batched)
-    assert torch.isinf(per_row).any(dim=1).tolist() == [True, True, False, True]
+    assert torch.isinf(per_row).any(dim=1).tolist() == [True, True, False, True, True]
