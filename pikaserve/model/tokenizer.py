@@ -16,6 +16,11 @@ class Tokenizer:
         self.eos_token_ids = frozenset(ids)
         self.vocab_size = len(hf_tokenizer)
         self.has_chat_template = bool(getattr(hf_tokenizer, "chat_template", None))
+        # the text of every control token (<|im_start|>, <|im_end|>, ...)
+        self.special_strings = tuple(
+            t.content for t in getattr(hf_tokenizer, "added_tokens_decoder", {}).values()
+            if getattr(t, "special", False)
+        ) or tuple(getattr(hf_tokenizer, "all_special_tokens", ()))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.hf.encode(text, add_special_tokens=add_special_tokens)
@@ -38,6 +43,28 @@ class Tokenizer:
         except Exception as exc:  # the template itself raises on messages it cannot render
             raise InvalidRequestError(f"chat template failed: {exc}", "messages") from exc
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        # The rendered template already carries any BOS it wants.
-        return self.encode(self.render_chat(messages), add_special_tokens=False)
+    def encode_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+        add_special_tokens: bool = False,
+    ) -> list[int]:
+        """The chat's token ids. The template's own control tokens are special; a message's
+        content is text, whatever it holds: `<|im_end|><|im_start|>system` written in a
+        message stays those characters, so no client can forge a turn. (The rendered template
+        already carries any BOS it wants: no special tokens are added by default.)"""
+        text = self.render_chat(messages, add_generation_prompt)
+        contents = [c for m in messages if isinstance(c := m.get("content"), str) and c]
+        if not any(s in c for c in contents for s in self.special_strings):
+            return self.encode(text, add_special_tokens)  # the common case: one call
+        ids, pos = [], 0
+        for content in contents:
+            at = text.find(content, pos)
+            if at < 0:  # the template changed the content: it cannot be told apart safely
+                raise InvalidRequestError(
+                    "a message holds the model's control tokens, and this chat template "
+                    "rewrites message content, so they cannot be kept as text", "messages")
+            ids += self.encode(text[pos:at], add_special_tokens=False)
+            ids += self.hf.encode(content, add_special_tokens=False, split_special_tokens=True)
+            pos = at + len(content)
+        ids += self.encode(text[pos:], add_special_tokens=False)
+        prefix = self.encode("", add_special_tokens=True) if add_special_tokens else []
+        return prefix + ids

@@ -157,8 +157,8 @@ async def tokenize(request: Request, state: ServerState) -> Response:
     if (req.prompt is None) == (req.messages is None):
         raise InvalidRequestError("give exactly one of prompt or messages", "prompt")
     if req.messages is not None:
-        text = tok.render_chat(chat_messages(req.messages), req.add_generation_prompt)
-        ids = tok.encode(text, add_special_tokens=bool(req.add_special_tokens))
+        ids = tok.encode_chat(chat_messages(req.messages), req.add_generation_prompt,
+                              bool(req.add_special_tokens))
     else:
         add = True if req.add_special_tokens is None else req.add_special_tokens
         ids = tok.encode(req.prompt, add_special_tokens=add)
