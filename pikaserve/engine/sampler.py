@@ -4,7 +4,8 @@ Order: penalties -> constraint mask (structured output) -> greedy rows take argm
 sampled rows get temperature, top-k, top-p and min-p, then an exponential race (Gumbel-style)
 that lets seeded requests draw their noise from their own generator.
 Logprobs, when asked for, are those of the model's raw distribution (after the mask, before
-temperature), like vLLM's default.
+temperature), like vLLM's default. A token the grammar forbids has logprob -inf, reported as
+-9999.0 as vLLM does, so every answer is valid JSON.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import numpy as np
 import torch
 
 from pikaserve.engine.request import Request
+
+
+MIN_LOGPROB = -9999.0
 
 
 @dataclass(slots=True)
@@ -118,9 +122,11 @@ def _top_k_top_p(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -
     remove = ranks >= ks.unsqueeze(1)
     ps = torch.tensor(top_ps, device=device, dtype=logits.dtype)
     probs = torch.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
-    # drop a token when the mass strictly before it already reaches top_p (keeps at least one)
+    # drop a token when the mass strictly before it already reaches top_p; the most likely
+    # token always stays (a top_p that underflows float32 would otherwise drop every token)
     mass_before = probs.cumsum(dim=-1) - probs
     remove |= mass_before >= ps.unsqueeze(1)
+    remove[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
@@ -135,12 +141,12 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tens
         if not p.has_penalties:
             continue
         if p.repetition_penalty != 1.0:
+            # bounded so that neither division nor product overflows float32
+            penalty = min(max(p.repetition_penalty, 1e-6), 1e6)
             seen = sorted(t for t in set(r.all_token_ids) if t < vocab)
             seen = torch.tensor(seen, dtype=torch.long, device=logits.device)
             row = logits[i, seen]
-            logits[i, seen] = torch.where(
-                row > 0, row / p.repetition_penalty, row * p.repetition_penalty
-            )
+            logits[i, seen] = torch.where(row > 0, row / penalty, row * penalty)
         if r.output_token_ids and (p.presence_penalty or p.frequency_penalty):
             out = [t for t in r.output_token_ids if t < vocab]
             out = torch.tensor(out, dtype=torch.long, device=logits.device)
@@ -158,6 +164,8 @@ def _with_logprobs(raw: torch.Tensor, tokens: torch.Tensor, requests: list[Reque
     chosen = raw.gather(1, tokens[:, None])
     top_vals, top_ids = raw.topk(k, dim=-1) if k else (raw[:, :0], raw[:, :0])
     packed = torch.cat([tokens[:, None].float(), chosen, top_vals, top_ids.float()], dim=1)
+    # JSON has no -inf or NaN: forbidden tokens (and degenerate rows) get vLLM's -9999.0
+    packed = packed.nan_to_num_(nan=MIN_LOGPROB, neginf=MIN_LOGPROB)
     rows = packed.cpu().tolist()
     token_ids = [int(row[0]) for row in rows]
     logprobs: list[tuple[float, list[tuple[int, float]]] | None] = []

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from pikaserve.errors import InvalidRequestError
 
 
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(slots=True)
 class StructuredOutputsParams:
     """One output constraint (vLLM's `structured_outputs`); exactly one field is set."""
@@ -34,7 +37,7 @@ class StructuredOutputsParams:
 @dataclass(slots=True)
 class SamplingParams:
     max_tokens: int | None = 16  # None: up to max_model_len
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (anything below 1e-5) means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: off
     min_p: float = 0.0
@@ -56,7 +59,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # below 1e-5 (vLLM's bound too) logits / temperature overflows: that is greedy anyway
+        return self.temperature < GREEDY_BELOW
 
     @property
     def has_penalties(self) -> bool:

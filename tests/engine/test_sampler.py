@@ -132,3 +132,28 @@ def test_batched_grammar_masks_equal_per_row_masks(tiny_model_dir):
     apply_constraints(batched, requests, batched=True)
     assert torch.equal(per_row, batched)
     assert torch.isinf(per_row).any(dim=1).tolist() == [True, True, False, True, True]
+
+
+def test_values_that_underflow_float32_still_sample_sanely():
+    """temperature or top_p far below float32's range, and extreme repetition penalties, give
+    real tokens (not NaN rows that pick token 0)."""
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0, 0.5, 0.1, 0.2, 0.3]])
+    assert draw(logits, n=20, temperature=1e-300).tolist() == [1] * 20  # greedy
+    assert draw(logits, n=20, top_p=1e-300).tolist() == [1] * 20  # only the top token
+    for penalty in (1e-300, 1e300):
+        r = req(output=[1, 3], repetition_penalty=penalty)
+        tokens = Sampler(VOCAB)(logits.clone(), [r]).token_ids
+        assert 0 <= tokens[0] < VOCAB and tokens[0] != 0
+
+
+def test_logprobs_of_forbidden_tokens_are_finite():
+    """A grammar allowing fewer tokens than logprobs asks for: the others are -9999.0 (vLLM's
+    convention), never -inf, so every answer is valid JSON."""
+    import math
+
+    logits = torch.full((1, VOCAB), float("-inf"))
+    logits[0, 2] = 1.0  # what a grammar mask leaves
+    out = Sampler(VOCAB)(logits, [req(temperature=0, logprobs=3)])
+    chosen, top = out.logprobs[0]
+    assert out.token_ids == [2] and chosen == 0.0
+    assert all(math.isfinite(v) for _, v in top) and top[1][1] == -9999.0

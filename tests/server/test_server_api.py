@@ -133,6 +133,15 @@ def test_completions_stream_and_logprobs(client):
     assert chunks[-1].usage.completion_tokens == 4
 
 
+def test_logprobs_under_a_grammar_are_valid_json(client):
+    """More alternatives asked for than the grammar allows: the forbidden ones come back as
+    -9999.0 (vLLM's convention), not as -Infinity or a 500."""
+    out = client.completions.create(model=MODEL, prompt="Hi", max_tokens=1, logprobs=5,
+                                    extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    top = out.choices[0].logprobs.top_logprobs[0]
+    assert len(top) == 5 and min(top.values()) == -9999.0
+
+
 def test_n_with_seed_fans_out(client):
     kw = dict(model=MODEL, messages=SHORT, max_tokens=6, temperature=1.0, seed=1234, n=3)
     a = client.chat.completions.create(**kw)
