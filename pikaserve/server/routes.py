@@ -71,7 +71,8 @@ def _log(state: ServerState, rid: str, n_prompt: int, params: list[SamplingParam
         logger.info("%s: prompt_tokens=%d n=%d max_tokens=%s temperature=%s stream=%s%s%s",
                     rid, n_prompt, len(params), p.max_tokens, p.temperature, stream,
                     " structured" if p.structured_outputs else "",
-                    f" user={user}" if user else "")
+                    # repr: a newline (or any control character) in it cannot forge a log line
+                    f" user={user!r}" if user else "")
 
 
 async def chat_completions(request: Request, state: ServerState) -> Response:

@@ -142,6 +142,15 @@ def test_logprobs_under_a_grammar_are_valid_json(client):
     assert len(top) == 5 and min(top.values()) == -9999.0
 
 
+def test_the_user_field_cannot_forge_a_log_line(client, caplog):
+    forged = "kid\nINFO:pikaserve.requests:chatcmpl-0: admin logged in"
+    with caplog.at_level("INFO", logger="pikaserve.requests"):
+        client.chat.completions.create(model=MODEL, messages=SHORT, max_tokens=1, user=forged)
+    lines = [r.getMessage() for r in caplog.records if "user=" in r.getMessage()]
+    assert lines and all("\n" not in line for line in lines)
+    assert "user='kid\\nINFO" in lines[-1]
+
+
 def test_n_with_seed_fans_out(client):
     kw = dict(model=MODEL, messages=SHORT, max_tokens=6, temperature=1.0, seed=1234, n=3)
     a = client.chat.completions.create(**kw)
