@@ -32,7 +32,6 @@ class LayerAttention(Protocol):
 class AttentionBackend(Protocol):
     name: str
     uses_fused_kernels: bool  # the model then runs norm, rope and SiLU through kernels/fused.py
-    supports_cuda_graphs: bool  # its metadata can be padded to fixed sizes (engine/cuda_graphs.py)
 
     def layer(self, num_heads: int, num_kv_heads: int, head_dim: int) -> LayerAttention: ...
 

@@ -18,7 +18,6 @@ from pikaserve.attention.metadata import AttentionMetadata, ChunkSequence
 class TorchBackend:
     name = "torch"
     uses_fused_kernels = False
-    supports_cuda_graphs = False  # per-chunk Python calls and masks sized by the step
 
     def layer(self, num_heads: int, num_kv_heads: int, head_dim: int) -> "TorchPagedAttention":
         return TorchPagedAttention(num_heads, num_kv_heads, head_dim)

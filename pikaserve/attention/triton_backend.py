@@ -119,7 +119,6 @@ def split_count(num_qblocks: int, num_kv_heads: int) -> int:
 class TritonBackend:
     name = "triton"
     uses_fused_kernels = True
-    supports_cuda_graphs = True  # fixed-size metadata: batch_arrays(..., pad)
 
     def __init__(self, num_heads: int, num_kv_heads: int) -> None:
         self.block_q = query_block_size(num_heads, num_kv_heads)

@@ -6,10 +6,10 @@ while launching each small op from Python takes several. So every step of up to
 to the next captured size (1, 2, 4, ... tokens) and replayed. Padding rows write no KV (slot
 -1), padding sequences have no queries, and padding logits rows repeat row 0 and are cut off.
 
-Every input lives in one static int64 buffer on the device, packed per size, but the block
-tables, which have their own (as wide as the longest possible table): a step copies its
-packed inputs and its tables' used rows and columns, then replays. Steps that need hidden states (pooling) or run fewer
-layers go eager, as does everything on the torch attention backend.
+Every input lives in one static int64 buffer on the device, packed per size, except the block
+tables, which have their own (as wide as the longest possible table): a step copies its packed
+inputs and its tables' used rows and columns, then replays. Steps that need hidden states
+(pooling) or run fewer layers go eager, as does everything on the torch attention backend.
 
 Without `capture` (CPU tests), the same padded buffers run eagerly: the padding path is then
 checked on a CPU against unpadded passes, and only capture and replay are left to a GPU.
@@ -26,7 +26,8 @@ import torch
 from pikaserve.attention.backend import AttentionBackend
 from pikaserve.attention.layout import BatchLayout
 from pikaserve.attention.triton_backend import (
-    PaddedShape, TritonAttentionMetadata, TritonBatchArrays, batch_arrays, split_count)
+    PaddedShape, TritonAttentionMetadata, TritonBackend, TritonBatchArrays, batch_arrays,
+    split_count)
 from pikaserve.engine.forward_inputs import ForwardInputs
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class CudaGraphs:
         self,
         model: torch.nn.Module,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        backend: AttentionBackend,
+        backend: TritonBackend,
         sizes: list[int],
         table_width: int,  # block-table columns: max_model_len / block_size
         device: torch.device,
@@ -53,7 +54,6 @@ class CudaGraphs:
         self.kv_caches = kv_caches
         self.backend = backend
         self.sizes = sorted(sizes)
-        self.table_width = table_width
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.num_steps = 0  # steps run through here (replayed, or padded and eager)
@@ -71,7 +71,7 @@ class CudaGraphs:
     ) -> CudaGraphs | None:
         """Captures one graph per size, largest first, sharing one memory pool; logs the time
         and memory it took. None on a backend whose metadata cannot be padded."""
-        if not backend.supports_cuda_graphs:
+        if not isinstance(backend, TritonBackend):
             logger.info("no CUDA graphs: the %s attention backend runs eagerly", backend.name)
             return None
         start = time.perf_counter()
