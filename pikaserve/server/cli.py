@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -225,10 +226,25 @@ def check_model(engine_config: EngineConfig) -> Path:
     return path
 
 
+def check_port(host: str, port: int) -> None:
+    """Fails now, before the model loads, when the address is taken (uvicorn would find out
+    only after loading it)."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         engine_config, server_config = build_configs(args)
         path = check_model(engine_config)
+        check_port(server_config.host, server_config.port)
         from pikaserve.server.sampling import load_default_response_format
 
         default_rf = load_default_response_format(server_config.default_response_format)

@@ -199,3 +199,17 @@ def test_seed_launch_line_serves_and_shuts_down_gracefully(tmp_path):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does (TIME_WAIT)
         s.bind(("0.0.0.0", port))
         s.listen()
+
+
+def test_a_port_in_use_fails_before_the_model_loads(capsys, monkeypatch):
+    """uvicorn alone would find out only after loading the model, then exit."""
+    def never(*args, **kwargs):
+        raise AssertionError("the server started loading")
+
+    monkeypatch.setattr(cli, "serve", never)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.run(parse(["--port", str(port)])) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
