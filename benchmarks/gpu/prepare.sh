@@ -14,8 +14,14 @@ python -m pip download --quiet --dest wheels --only-binary=:all: \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform any \
     llguidance gguf "pydantic>=2" starlette uvicorn prometheus_client rich jsonschema pyyaml jinja2
-# Already on the GPU machine (and large): let its own copies stand.
-rm -f wheels/numpy-* wheels/tqdm-* wheels/requests-* wheels/urllib3-* wheels/charset_normalizer-*
+# Keep only what the GPU machine's image lacks (device/KINDS.md lists what it has); its own
+# copies of the rest (anyio, click, h11, rich, pyyaml, jinja2, ...) stand. typing_extensions
+# travels too: pydantic needs a recent one. Versions are the ones resolved together above.
+keep='^(llguidance|gguf|pydantic|pydantic_core|annotated_types|typing_inspection|typing_extensions|starlette|uvicorn|jsonschema|jsonschema_specifications|referencing|rpds_py)-'
+for f in wheels/*.whl; do
+    basename "$f" | grep -Eq "$keep" || rm -f "$f"
+done
+ls wheels
 du -sh wheels
 
 # SmolLM2-135M-Instruct's tokenizer and config, so the check can build a model of its shape
