@@ -26,9 +26,11 @@ import sys
 import time
 from pathlib import Path
 
+from pikaserve.machine import AVX2_KERNEL_CAPS
+
 OUT = Path(__file__).parent / "results" / "cpu_classes.json"
-AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-CLASSES = {"native": ({}, None), "avx2": (AVX2, None), "avx2_no_int8": (AVX2, 0)}
+CLASSES = {"native": ({}, None), "avx2": (AVX2_KERNEL_CAPS, None),
+           "avx2_no_int8": (AVX2_KERNEL_CAPS, 0)}
 
 
 def measure(n: int, int8_max_rows: int | None) -> dict:

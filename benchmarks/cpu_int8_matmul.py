@@ -21,8 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+from pikaserve.machine import AVX2_KERNEL_CAPS
+
 OUT = Path(__file__).parent / "results" / "cpu_int8_matmul.json"
-CLASSES = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+CLASSES = {"native": {}, "avx2": AVX2_KERNEL_CAPS}
 # (out, in): fused qkv, o_proj, fused gate_up, down_proj, LM head
 SHAPES = [(1728, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)]
 ROWS = (1, 8, 40)

@@ -35,6 +35,10 @@ def cpu_flags() -> list[str]:
     return []
 
 
+# Caps that make torch's and oneDNN's kernels those of an AVX2 CPU (set before torch starts)
+AVX2_KERNEL_CAPS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
 def kernel_isas() -> dict[str, str]:
     """The instruction sets torch's and oneDNN's CPU kernels may use: the CPU's, unless capped
     by ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA (e.g. to run an AVX512 machine as an AVX2 one)."""

@@ -33,6 +33,15 @@ class BatchLayout:
         multi = np.flatnonzero(self.query_lens != 1)
         return int(multi[0]) if multi.size else len(self.query_lens)
 
+    def padded_tables(self, count: int | None = None) -> np.ndarray:
+        """The first `count` sequences' block tables (all by default) as one zero-padded
+        [count, longest] int64 matrix."""
+        tables = self.block_tables[:count]
+        out = np.zeros((len(tables), max((len(t) for t in tables), default=1)), dtype=np.int64)
+        for i, t in enumerate(tables):
+            out[i, : len(t)] = t
+        return out
+
     @property
     def query_starts(self) -> np.ndarray:
         """[S] int64: each sequence's first row in the flat token batch."""

@@ -53,11 +53,7 @@ class TorchBackend:
             chunks=chunks,
         )
         if nd:
-            tables = layout.block_tables[:nd]
-            padded = np.zeros((nd, max(len(t) for t in tables)), dtype=np.int64)
-            for i, t in enumerate(tables):
-                padded[i, : len(t)] = t
-            meta.decode_block_tables = tensor(padded)
+            meta.decode_block_tables = tensor(layout.padded_tables(nd))
             lens = layout.context_lens[:nd]
             if (lens < meta.decode_context_len).any():
                 mask = np.arange(meta.decode_context_len)[None, :] < lens[:, None]

@@ -87,10 +87,7 @@ def batch_arrays(
         num_qblocks = max_query_blocks(pad.num_tokens, pad.num_seqs, block_q)
     slots = np.full(pad.num_tokens, -1, dtype=np.int64)
     slots[: layout.num_tokens] = layout.slot_mapping
-    width = max((len(t) for t in layout.block_tables), default=1)
-    tables = np.zeros((s, width), dtype=np.int64)
-    for i, t in enumerate(layout.block_tables):
-        tables[i, : len(t)] = t
+    tables = layout.padded_tables()
     lens = np.zeros((3, pad.num_seqs), dtype=np.int64)
     lens[0, :s] = layout.context_lens
     lens[1, :s] = layout.query_starts

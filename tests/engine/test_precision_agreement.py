@@ -13,6 +13,7 @@ import pytest
 from pikaserve.data import pika_answer_schema, pika_messages, pika_turns
 from pikaserve.engine.sampling_params import SamplingParams, StructuredOutputsParams
 from pikaserve.llm import LLM
+from pikaserve.machine import AVX2_KERNEL_CAPS
 
 MIN_AGREEMENT = 38  # of 40
 
@@ -35,11 +36,11 @@ def test_bf16_matches_fp32_on_pika_turns(default_llm_fp32):
     assert sum(a == b for a, b in zip(reference, lower)) >= MIN_AGREEMENT
 
 
-AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 AVX2_PROBE = """
 import json, os, sys
 import torch
 from pikaserve.llm import LLM
+from pikaserve.machine import AVX2_KERNEL_CAPS
 from pikaserve.platform import cpu_has_fast_bf16
 sys.path.insert(0, os.environ["TESTS_DIR"])
 from test_precision_agreement import answers
@@ -66,7 +67,7 @@ def test_forced_avx2_choices_give_the_fp32_answers(default_llm_fp32, tmp_path):
     import sys
     from pathlib import Path
 
-    env = {**os.environ, **AVX2_ENV, "TESTS_DIR": str(Path(__file__).parent), "ONEDNN_VERBOSE": "1"}
+    env = {**os.environ, **AVX2_KERNEL_CAPS, "TESTS_DIR": str(Path(__file__).parent), "ONEDNN_VERBOSE": "1"}
     run = subprocess.run([sys.executable, "-c", AVX2_PROBE], env=env, capture_output=True,
                          text=True, timeout=600, check=True)
     probe = json.loads(run.stdout.strip().splitlines()[-1])
