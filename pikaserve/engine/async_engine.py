@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from pikaserve.config import EngineConfig
 from pikaserve.engine.llm_engine import LLMEngine
-from pikaserve.engine.outputs import RequestOutput
+from pikaserve.engine.outputs import EngineStats, RequestOutput
 from pikaserve.engine.pooling_params import PoolingParams
 from pikaserve.engine.sampling_params import SamplingParams
 
@@ -58,6 +58,8 @@ class AsyncEngine:
         self._loaded.wait()
         if self._load_error is not None:
             raise self._load_error
+        # what callers may know of the model; the LLMEngine itself stays the loop's
+        self.model = self.engine.config.model  # as configured (None: the embedded default)
         self.tokenizer = self.engine.tokenizer
         self.model_path = self.engine.model_path
         self.model_config = self.engine.model_config
@@ -101,6 +103,13 @@ class AsyncEngine:
         finally:
             if not finished:
                 self.abort(request_id)
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def is_idle(self) -> bool:
+        """Nothing running or waiting, and no KV block held by a request."""
+        return self.engine.pool_is_idle() and not self.engine.has_unfinished_requests()
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))

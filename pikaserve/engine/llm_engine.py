@@ -18,7 +18,7 @@ from pikaserve.engine.constraint import Draft
 from pikaserve.engine.detokenizer import IncrementalDetokenizer
 from pikaserve.engine.kv_cache import allocate_kv_cache
 from pikaserve.engine.model_runner import ModelRunner
-from pikaserve.engine.outputs import RequestOutput, TokenLogprob
+from pikaserve.engine.outputs import EngineStats, RequestOutput, TokenLogprob
 from pikaserve.engine.pooling_params import PoolingParams
 from pikaserve.engine.request import Request, RequestStatus
 from pikaserve.engine.sampler import Sampler
@@ -27,7 +27,7 @@ from pikaserve.engine.scheduler import Scheduler
 from pikaserve.errors import InvalidRequestError
 from pikaserve.kv.block_pool import BlockPool
 from pikaserve.model.loader import load_model, resolve_model_path
-from pikaserve.platform import (
+from pikaserve.engine.device import (
     configure_threads, describe_cpu, resolve_device, resolve_dtype, resolve_int8_rows,
     resolve_kv_cache_dtype)
 
@@ -374,8 +374,18 @@ class LLMEngine:
     def num_forward_passes(self) -> int:
         return self.runner.num_forward_passes
 
-    def kv_usage(self) -> float:
-        return self.pool.usage
+    def stats(self) -> EngineStats:
+        """Safe to call from another thread: each value is one read of a counter or len() of
+        a container the loop thread owns (atomic under the GIL), so a snapshot may be one step
+        stale, never torn."""
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_usage=self.pool.usage,
+            prefix_cache_queries=self.pool.queries,
+            prefix_cache_hits=self.pool.hits,
+            num_forward_passes=self.runner.num_forward_passes,
+        )
 
     def pool_is_idle(self) -> bool:
         """True when every KV block is free or merely cached (no request holds one)."""

@@ -1,4 +1,4 @@
-"""What the engine hands back after each step, per request."""
+"""What the engine hands back: after each step, per request; and on demand, its counters."""
 
 from __future__ import annotations
 
@@ -32,3 +32,15 @@ class RequestOutput:
     scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A snapshot of the engine's gauges and counters, for metrics and health checks."""
+
+    num_running: int  # requests in the running batch
+    num_waiting: int  # requests waiting to be scheduled
+    kv_usage: float  # fraction of KV blocks held by requests (1 = full)
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of which found
+    num_forward_passes: int

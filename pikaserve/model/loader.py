@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from pikaserve.attention.backend import AttentionBackend, select_backend
+from pikaserve.config import DEFAULT_MODEL_ID
 from pikaserve.model.checkpoint import Checkpoint, ModelLoadError
 from pikaserve.model.hf_loader import load_hf_folder, load_hf_tokenizer
 from pikaserve.model.llama import LlamaForCausalLM
@@ -24,7 +25,6 @@ from pikaserve.model.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

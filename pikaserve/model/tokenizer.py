@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any
 
 from pikaserve.errors import InvalidRequestError
@@ -21,6 +22,12 @@ class Tokenizer:
             t.content for t in getattr(hf_tokenizer, "added_tokens_decoder", {}).values()
             if getattr(t, "special", False)
         ) or tuple(getattr(hf_tokenizer, "all_special_tokens", ()))
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters of text one token can stand for: its vocabulary entry's length
+        (a byte-level entry has one character per byte, and a character is at least a byte)."""
+        return max(map(len, self.hf.get_vocab()))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.hf.encode(text, add_special_tokens=add_special_tokens)

@@ -26,15 +26,15 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pikaserve import __version__
-from pikaserve.config import EngineConfig, ServerConfig
+from pikaserve.config import DEFAULT_MODEL_ID, EngineConfig, ServerConfig
 from pikaserve.engine.async_engine import AsyncEngine
 from pikaserve.errors import InvalidRequestError
 from pikaserve.heads.served import ServedHeads
-from pikaserve.model.loader import DEFAULT_MODEL_ID
 from pikaserve.server import openai_format as fmt
 from pikaserve.server import pooling_routes, routes
 from pikaserve.server.asgi import ClientGone, HTTPError, error_response
 from pikaserve.server.metrics import CONTENT_TYPE, ServerMetrics
+from pikaserve.server.prompts import PromptEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class ServerState:
     engine: AsyncEngine | None = None
     phase: str = "starting"  # starting | ready | stopping | failed
     texts: fmt.TokenTexts | None = None
+    prompts: PromptEncoder | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -77,6 +78,7 @@ class ServerState:
     def ready(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.texts = fmt.TokenTexts(engine.tokenizer)
+        self.prompts = PromptEncoder(engine.tokenizer, engine.max_model_len)
         self.phase = "ready"
 
 
@@ -141,12 +143,12 @@ def create_app(
     """The ASGI app. Given `engine`, it serves it (and leaves shutting it down to the caller);
     otherwise it loads one from `engine_config` in the background and owns it. `heads` must
     have been trained on the model: checked when it is ready, failing the start otherwise."""
-    model = engine.engine.config.model if engine is not None else (
+    model = engine.model if engine is not None else (
         engine_config.model if engine_config else None)
     names = served_names(config, model)
     holder: dict[str, AsyncEngine | None] = {"engine": engine}
     metrics = ServerMetrics(
-        names[0], lambda: holder["engine"].engine if holder["engine"] is not None else None)
+        names[0], lambda: holder["engine"].stats() if holder["engine"] is not None else None)
     state = ServerState(config, names, metrics, default_response_format,
                         heads or ServedHeads({}))
     if engine is not None:
@@ -171,7 +173,7 @@ def create_app(
             loaded.shutdown()
             return
         state.ready(loaded)
-        logger.info("ready: serving %s as %s", loaded.engine.model_path, ", ".join(names))
+        logger.info("ready: serving %s as %s", loaded.model_path, ", ".join(names))
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
@@ -186,8 +188,7 @@ def create_app(
                 await asyncio.to_thread(holder["engine"].shutdown)
 
     async def not_found(request: Request, exc: HTTPException) -> Response:
-        return error_response(exc.status_code, f"{exc.detail}: {request.method} "
-                              f"{request.url.path}")
+        return error_response(exc.status_code, str(exc.detail))  # the path is not echoed
 
     async def internal(request: Request, exc: Exception) -> Response:
         logger.exception("unhandled error on %s", request.url.path)

@@ -208,24 +208,6 @@ def build_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]
     return engine_config, server_config
 
 
-def check_model(engine_config: EngineConfig) -> Path:
-    """Resolves the model now (cheap, no loading) so a wrong path fails before binding."""
-    from pikaserve.model.checkpoint import ModelLoadError
-    from pikaserve.model.loader import resolve_model_path
-
-    try:
-        path = resolve_model_path(engine_config.model)
-    except ModelLoadError as exc:
-        raise ConfigError(str(exc)) from exc
-    if engine_config.quantization == "gguf" and path.suffix != ".gguf":
-        raise ConfigError(f"--quantization gguf needs a .gguf model; {path} is not one")
-    if engine_config.kv_cache_dtype != "auto":  # fp8 needs a GPU that has it: say so now
-        from pikaserve.platform import resolve_device, resolve_kv_cache_dtype
-
-        resolve_kv_cache_dtype(engine_config.kv_cache_dtype, resolve_device(engine_config.device))
-    return path
-
-
 def check_port(host: str, port: int) -> None:
     """Fails now, before the model loads, when the address is taken (uvicorn would find out
     only after loading it)."""
@@ -243,7 +225,9 @@ def check_port(host: str, port: int) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         engine_config, server_config = build_configs(args)
-        path = check_model(engine_config)
+        from pikaserve.engine.preflight import check_engine_config
+
+        path = check_engine_config(engine_config)
         check_port(server_config.host, server_config.port)
         from pikaserve.server.sampling import load_default_response_format
 

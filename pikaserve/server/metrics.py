@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from pikaserve.engine.llm_engine import LLMEngine
+from pikaserve.engine.outputs import EngineStats
 
 # Latency buckets down to 1 ms: a Pika answer on a GPU takes a few ms end to end.
 LATENCY_BUCKETS = (
@@ -30,13 +30,13 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class _EngineCollector(Collector):
     """Reads the engine's own gauges and counters when /metrics is scraped."""
 
-    def __init__(self, get_engine: Callable[[], LLMEngine | None], model_name: str) -> None:
-        self.get_engine = get_engine
+    def __init__(self, get_stats: Callable[[], EngineStats | None], model_name: str) -> None:
+        self.get_stats = get_stats
         self.labels = {"model_name": model_name}
 
     def collect(self) -> Iterator[Metric]:
-        engine = self.get_engine()
-        if engine is None:  # still loading: export nothing rather than made-up zeros
+        stats = self.get_stats()
+        if stats is None:  # still loading: export nothing rather than made-up zeros
             return
         names = list(self.labels)
         values = list(self.labels.values())
@@ -51,25 +51,23 @@ class _EngineCollector(Collector):
             c.add_metric(values, value)
             return c
 
-        # len() of a list/deque owned by the loop thread is atomic under the GIL; a scrape
-        # may be one step stale, which is fine for a gauge.
-        sched, pool = engine.scheduler, engine.pool
+        # a stats snapshot may be one step stale, which is fine for a scrape
         yield gauge("pikaserve:num_requests_running", "Requests in the running batch.",
-                    len(sched.running))
+                    stats.num_running)
         yield gauge("pikaserve:num_requests_waiting", "Requests waiting to be scheduled.",
-                    len(sched.waiting))
+                    stats.num_waiting)
         yield gauge("pikaserve:kv_cache_usage_perc",
-                    "Fraction of KV blocks held by requests (1 = full).", pool.usage)
+                    "Fraction of KV blocks held by requests (1 = full).", stats.kv_usage)
         yield counter("pikaserve:prefix_cache_queries",
-                      "Prompt tokens looked up in the prefix cache.", pool.queries)
+                      "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries)
         yield counter("pikaserve:prefix_cache_hits",
-                      "Prompt tokens found in the prefix cache.", pool.hits)
+                      "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits)
         yield counter("pikaserve:model_forward", "Model forward passes.",
-                      engine.num_forward_passes)
+                      stats.num_forward_passes)
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, get_engine: Callable[[], LLMEngine | None]) -> None:
+    def __init__(self, model_name: str, get_stats: Callable[[], EngineStats | None]) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         labels = ["model_name"]
         r = self.registry
@@ -98,7 +96,7 @@ class ServerMetrics:
                                      "Requests answered by a classification head.",
                                      labels + ["head"], registry=r)
         self.model_name = model_name
-        r.register(_EngineCollector(get_engine, model_name))
+        r.register(_EngineCollector(get_stats, model_name))
 
     def success(self, finish_reason: str) -> None:
         self._success.labels(self.model_name, finish_reason).inc()

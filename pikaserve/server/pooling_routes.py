@@ -89,7 +89,6 @@ async def classify(request: Request, state: ServerState) -> Response:
     req: ClassifyRequest = await read_json(request, ClassifyRequest,
                                            state.config.max_request_body_bytes)
     name, head = _head_for(state, req.model)
-    tok = state.engine.tokenizer
     if (req.input is None) == (req.messages is None):
         raise InvalidRequestError("give exactly one of input or messages", "input")
     if req.messages is not None:
@@ -102,7 +101,7 @@ async def classify(request: Request, state: ServerState) -> Response:
             if head.info.system_prompt else []
         chats = [system + [{"role": "user", "content": t}] for t in texts]
     rid = request_id("classify")
-    outs = await pool(request, state, rid, [_head_work(head, tok, c) for c in chats])
+    outs = await pool(request, state, rid, [await _head_work(state, head, c) for c in chats])
     seconds = time.perf_counter() - arrival
     data = []
     for i, out in enumerate(outs):
@@ -119,9 +118,9 @@ async def classify(request: Request, state: ServerState) -> Response:
     return JSONResponse(body, headers={HEAD_HEADER: name})
 
 
-def _head_work(head: ClassificationHead, tokenizer, messages: list[dict]
-               ) -> tuple[list[int], PoolingParams]:
-    ids, start, split = head.prompt(tokenizer, messages)
+async def _head_work(state: ServerState, head: ClassificationHead, messages: list[dict]
+                     ) -> tuple[list[int], PoolingParams]:
+    ids, start, split = await state.prompts.head_prompt(head, messages)
     return ids, PoolingParams(head.layers, head, start, split)
 
 
@@ -135,9 +134,11 @@ def _usage(outs: list[RequestOutput]) -> dict:
 def chat_head(state: ServerState, req: ChatCompletionRequest,
               params: list[SamplingParams]) -> str | None:
     """The head that answers this chat request: its JSON schema is a head's schema, and it
-    asks for nothing a head cannot give (token logprobs)."""
+    asks for nothing a head cannot give (token logprobs, a prompt without the assistant turn
+    the head was trained on)."""
     so = params[0].structured_outputs
-    if not state.heads or so is None or so.json is None or req.logprobs:
+    if (not state.heads or so is None or so.json is None or req.logprobs
+            or not req.add_generation_prompt):
         return None
     return state.heads.for_schema(so.json)
 
@@ -163,8 +164,7 @@ async def chat_by_head(request: Request, state: ServerState, req: ChatCompletion
     from the same probabilities."""
     head = state.heads.get(name)
     rid = request_id("chatcmpl")
-    out = (await pool(request, state, rid, [_head_work(head, state.engine.tokenizer,
-                                                       messages)]))[0]
+    out = (await pool(request, state, rid, [await _head_work(state, head, messages)]))[0]
     state.metrics.head_answer(name, time.perf_counter() - arrival, out.num_prompt_tokens)
     if not state.config.disable_log_requests:
         logger.info("%s: prompt_tokens=%d n=%d answered by head %s stream=%s", rid,
@@ -213,18 +213,7 @@ async def embeddings(request: Request, state: ServerState) -> Response:
     req: EmbeddingRequest = await read_json(request, EmbeddingRequest,
                                             state.config.max_request_body_bytes)
     state.check_model(req.model)
-    tok = state.engine.tokenizer
-    inp = req.input
-    if isinstance(inp, str):
-        prompts = [tok.encode(inp)]
-    elif not inp:
-        raise InvalidRequestError("input must not be empty", "input")
-    elif isinstance(inp[0], int):
-        prompts = [list(inp)]
-    elif isinstance(inp[0], str):
-        prompts = [tok.encode(t) for t in inp]
-    else:
-        prompts = [list(p) for p in inp]
+    prompts = await state.prompts.prompts(req.input, "input")
     if len(prompts) > MAX_INPUTS:
         raise InvalidRequestError(f"input must hold at most {MAX_INPUTS} items", "input")
     layers = state.heads.embedding_layers(state.engine.model_config.num_layers)

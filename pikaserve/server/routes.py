@@ -86,7 +86,7 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
     head = chat_head(state, req, params)
     if head is not None:
         return await chat_by_head(request, state, req, head, messages, params, arrival)
-    token_ids = engine.tokenizer.encode_chat(messages)
+    token_ids = await state.prompts.chat(messages, req.add_generation_prompt)
     rid = request_id("chatcmpl")
     _log(state, rid, len(token_ids), params, req.stream, req.user)
     gen = Generation(engine, rid, [(token_ids, p) for p in params], state.metrics, arrival)
@@ -108,7 +108,7 @@ async def completions(request: Request, state: ServerState) -> Response:
     state.check_model(req.model)
     engine = state.engine
     params = sampling_params(req)
-    prompts = _prompts(req.prompt, engine.tokenizer)
+    prompts = await state.prompts.prompts(req.prompt, "prompt")
     if len(prompts) * req.n > MAX_ENGINE_REQUESTS:
         raise InvalidRequestError(
             f"prompts x n must be at most {MAX_ENGINE_REQUESTS}", "prompt")
@@ -129,23 +129,12 @@ async def completions(request: Request, state: ServerState) -> Response:
     )
 
 
-def _prompts(prompt: str | list, tokenizer) -> list[list[int]]:
-    if isinstance(prompt, str):
-        return [tokenizer.encode(prompt)]
-    if not prompt:
-        raise InvalidRequestError("prompt must not be empty", "prompt")
-    if isinstance(prompt[0], int):
-        return [list(prompt)]
-    if isinstance(prompt[0], str):
-        return [tokenizer.encode(p) for p in prompt]
-    return [list(p) for p in prompt]
-
-
 async def models(request: Request, state: ServerState) -> Response:
-    engine = state.engine.engine
+    # root: the served name, not the model's path on disk (no client needs to know where
+    # the operator keeps it)
     data = [{
         "id": name, "object": "model", "created": state.created, "owned_by": "pikaserve",
-        "root": str(engine.model_path), "parent": None, "max_model_len": engine.max_model_len,
+        "root": state.model_name, "parent": None, "max_model_len": state.engine.max_model_len,
     } for name in state.served_names]
     return JSONResponse({"object": "list", "data": data})
 
@@ -154,16 +143,15 @@ async def tokenize(request: Request, state: ServerState) -> Response:
     req: TokenizeRequest = await read_json(
         request, TokenizeRequest, state.config.max_request_body_bytes)
     state.check_model(req.model)
-    tok = state.engine.tokenizer
     if (req.prompt is None) == (req.messages is None):
         raise InvalidRequestError("give exactly one of prompt or messages", "prompt")
     if req.messages is not None:
-        ids = tok.encode_chat(chat_messages(req.messages), req.add_generation_prompt,
-                              bool(req.add_special_tokens))
+        ids = await state.prompts.chat(chat_messages(req.messages), req.add_generation_prompt,
+                                       bool(req.add_special_tokens))
     else:
         add = True if req.add_special_tokens is None else req.add_special_tokens
-        ids = tok.encode(req.prompt, add_special_tokens=add)
-    body = {"count": len(ids), "max_model_len": state.engine.engine.max_model_len,
+        ids = (await state.prompts.prompts(req.prompt, "prompt", add))[0]
+    body = {"count": len(ids), "max_model_len": state.engine.max_model_len,
             "tokens": ids, "token_strs": [state.texts(t) for t in ids]
             if req.return_token_strs else None}
     return JSONResponse(body)
@@ -173,7 +161,7 @@ async def detokenize(request: Request, state: ServerState) -> Response:
     req: DetokenizeRequest = await read_json(
         request, DetokenizeRequest, state.config.max_request_body_bytes)
     state.check_model(req.model)
-    vocab = state.engine.engine.model_config.vocab_size
+    vocab = state.engine.model_config.vocab_size
     if any(not 0 <= t < vocab for t in req.tokens):
         raise InvalidRequestError(f"token ids must be in [0, {vocab})", "tokens")
     return JSONResponse({"prompt": state.engine.tokenizer.decode(req.tokens)})

@@ -45,11 +45,16 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
                 texts.append(part.text)
             # vLLM's "string" content format: text parts joined by newlines
             content = "\n".join(texts)
+        elif m.content is None and m.role != "assistant":  # only an assistant turn may be empty
+            raise InvalidRequestError(f"a {m.role} message needs content",
+                                      f"messages[{i}].content")
         else:
             content = m.content or ""
         # The templates we serve know system/user/assistant; developer is OpenAI's new system.
-        role = "system" if m.role == "developer" else m.role
-        out.append({"role": role, "content": content})
+        message = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        if m.name is not None:  # for the templates that render it, as vLLM passes it on
+            message["name"] = m.name
+        out.append(message)
     return out
 
 

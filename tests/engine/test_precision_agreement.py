@@ -41,7 +41,7 @@ import json, os, sys
 import torch
 from pikaserve.llm import LLM
 from pikaserve.machine import AVX2_KERNEL_CAPS
-from pikaserve.platform import cpu_has_fast_bf16
+from pikaserve.engine.device import cpu_has_fast_bf16
 sys.path.insert(0, os.environ["TESTS_DIR"])
 from test_precision_agreement import answers
 llm = LLM()

@@ -231,3 +231,21 @@ def test_metrics_move(server, client):
         assert after[gauge] == 0.0
     text = httpx.get(f"{server.url}/metrics").text
     assert 'le="0.001"' in text  # latency buckets go down to 1 ms
+
+
+def test_models_do_not_show_the_path_on_disk(server, async_engine):
+    r = httpx.get(f"{server.url}/v1/models")
+    assert r.status_code == 200 and str(async_engine.model_path) not in r.text
+    assert {m["root"] for m in r.json()["data"]} == {MODEL}
+
+
+def test_add_generation_prompt_and_message_name_are_honoured(server):
+    msgs = [{"role": "user", "content": "Hi", "name": "pika"}]
+    url = f"{server.url}/v1/chat/completions"
+    with_prompt = httpx.post(url, json={
+        "messages": msgs, "max_tokens": 1, "temperature": 0}).json()
+    without = httpx.post(url, json={
+        "messages": msgs, "max_tokens": 1, "temperature": 0,
+        "add_generation_prompt": False}).json()
+    # the assistant turn's opening (<|im_start|>assistant\n) is left out
+    assert without["usage"]["prompt_tokens"] < with_prompt["usage"]["prompt_tokens"]

@@ -43,6 +43,8 @@ BAD_400 = [
     pytest.param({"messages": [{"role": "wizard", "content": "x"}]}, "messages", id="bad-role"),
     pytest.param({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
                  "messages[0].content", id="image-part"),
+    pytest.param({"messages": [{"role": "user", "content": None}]}, "messages[0].content",
+                 id="user-content-null"),
     pytest.param({"messages": MSGS, "temperature": "hot"}, "temperature", id="temp-string"),
     pytest.param({"messages": MSGS, "temperature": -1}, "temperature", id="temp-negative"),
     pytest.param({"messages": MSGS, "top_p": 1.5}, "top_p", id="top-p"),
@@ -95,6 +97,20 @@ def test_bad_completion_requests_get_400(http, body, param):
     check_envelope(http.post("/v1/completions", json=body), 400, param)
 
 
+def test_prompt_too_long_by_its_characters_is_refused_before_tokenizing(async_engine):
+    # 3 MB of text: under the body limit, and far past what max_model_len tokens can hold
+    huge = "a" * (3 * 1024 * 1024)
+    with serve(async_engine) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+        for path, body, param in [
+            (CHAT, {"messages": [{"role": "user", "content": huge}]}, "messages"),
+            ("/v1/completions", {"prompt": huge}, "prompt"),
+            ("/tokenize", {"prompt": huge}, "prompt"),
+        ]:
+            err = check_envelope(c.post(path, json=body), 400, param)
+            assert "maximum context length" in err["message"]
+        assert c.get("/health").status_code == 200
+
+
 def test_long_chat_prompt_gets_400(http):
     long = [{"role": "user", "content": "hello " * (MAX_MODEL_LEN + 10)}]
     err = check_envelope(http.post(CHAT, json={"messages": long}), 400, "prompt")
@@ -104,7 +120,8 @@ def test_long_chat_prompt_gets_400(http):
 def test_unknown_model_and_route_get_404(http):
     err = check_envelope(http.post(CHAT, json={"model": "gpt-9", "messages": MSGS}), 404, "model")
     assert err["code"] == "model_not_found"
-    check_envelope(http.get("/v1/nothing-here"), 404, None)
+    err = check_envelope(http.get("/v1/nothing-here-<script>"), 404, None)
+    assert "nothing-here" not in err["message"]  # a client's path is not echoed back
     check_envelope(http.post("/tokenize", json={"model": "gpt-9", "prompt": "x"}), 404, "model")
     check_envelope(http.get(CHAT), 405, None)
 
@@ -155,4 +172,4 @@ def test_still_serving_after_all_that(http, async_engine):
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] is not None
     assert async_engine.is_alive
-    assert async_engine.engine.pool_is_idle()
+    assert async_engine.is_idle()

@@ -210,5 +210,4 @@ def test_one_bad_input_fails_the_request_and_leaks_nothing(server, async_engine)
     body = {"input": ["Response to check: yes!", "word " * 5000, "Response to check: no"]}
     r = httpx.post(f"{server.url}/classify", json=body, timeout=120)
     assert r.status_code == 400 and "maximum context length" in r.json()["error"]["message"]
-    assert wait_for(lambda: async_engine.engine.pool_is_idle()
-                    and not async_engine.engine.has_unfinished_requests())
+    assert wait_for(async_engine.is_idle)
