@@ -140,6 +140,14 @@ class ServerConfig:
     # request whose JSON schema equals a head's schema is answered by it (docs/heads.md).
     heads: list[str] = dataclasses.field(default_factory=list)
     max_request_body_bytes: int = 4 * 1024 * 1024  # larger bodies get HTTP 413
+    # One API request fans out into prompts x n engine requests: at most this many, and at
+    # most max_inflight_per_request of them in the engine at once, so that a huge batch
+    # request shares the engine with the small ones that arrive after it.
+    max_prompts_per_request: int = 1024
+    max_inflight_per_request: int = 32
+    # When this many engine requests already wait for a slot, new API requests get 503 with
+    # Retry-After instead of queueing (0: no limit, every request queues).
+    max_waiting_requests: int = 0
     trust_remote_code: bool = False  # accepted for vLLM compatibility; no model code ever runs
     uvicorn_log_level: str = "info"
     graceful_shutdown_timeout: float = 30.0  # seconds in-flight requests get after SIGTERM
@@ -149,6 +157,11 @@ class ServerConfig:
             raise ConfigError(f"port must be in [0, 65535]; got {self.port}")
         if self.max_request_body_bytes < 1024:
             raise ConfigError("max_request_body_bytes must be at least 1024")
+        for name in ("max_prompts_per_request", "max_inflight_per_request"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1")
+        if self.max_waiting_requests < 0:
+            raise ConfigError("max_waiting_requests must be >= 0 (0: no limit)")
         if self.graceful_shutdown_timeout < 0:
             raise ConfigError("graceful_shutdown_timeout must be >= 0")
         if self.served_model_name is not None and not all(self.served_model_name):

@@ -41,6 +41,7 @@ class PoolingParams:
     # A prompt position inside the span that the transform pools on each side of (e.g. where
     # a marker ends); it gets it relative to the span. None: the span's start.
     span_split: int | None = None
+    cache_salt: str | None = None  # as SamplingParams.cache_salt
 
     def check(self, num_layers: int, num_tokens: int) -> None:
         if not self.layers:

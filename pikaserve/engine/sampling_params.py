@@ -51,6 +51,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputsParams | None = None
+    # Requests share cached prefixes only with requests of the same salt (None: the unsalted
+    # ones), so a client cannot learn from cached_tokens what prompts others sent.
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -86,6 +89,9 @@ class SamplingParams:
             raise bad(f"top_k must be -1, 0 (off) or positive, got {self.top_k}", "top_k")
         if not isinstance(self.min_p, (int, float)) or not 0.0 <= self.min_p <= 1.0:
             raise bad(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
+        if self.cache_salt is not None and (not isinstance(self.cache_salt, str)
+                                            or not self.cache_salt):
+            raise bad("cache_salt must be a non-empty string", "cache_salt")
         if self.seed is not None and not isinstance(self.seed, int):
             raise bad("seed must be an integer", "seed")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):

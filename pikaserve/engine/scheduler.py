@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from pikaserve.engine.request import Request, RequestStatus
-from pikaserve.kv.block_pool import BlockPool, chain_hash
+from pikaserve.kv.block_pool import BlockPool, chain_hash, salt_root
 
 
 @dataclass(slots=True)
@@ -211,7 +211,7 @@ class Scheduler:
         bs, hashes, tokens = self.block_size, req.block_hashes, req.all_token_ids
         while len(hashes) < num_blocks:
             b = len(hashes)
-            parent = hashes[-1] if hashes else None
+            parent = hashes[-1] if hashes else salt_root(req.params.cache_salt)
             hashes.append(chain_hash(parent, tokens[b * bs : (b + 1) * bs]))
 
     def _preempt(self, req: Request) -> None:

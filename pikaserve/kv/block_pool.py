@@ -24,6 +24,12 @@ def chain_hash(parent: int | None, tokens: Sequence[int]) -> int:
     return hash((parent, tuple(tokens)))
 
 
+def salt_root(salt: str | None) -> int | None:
+    """The parent of a request's first block hash: a salt starts a chain of its own, so
+    equal tokens under different salts never share a cached block."""
+    return None if salt is None else hash(("cache_salt", salt))
+
+
 class BlockPool:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
         if num_blocks < 1:

@@ -70,6 +70,20 @@ class ServerState:
             raise HTTPError(404, f"the model {model!r} does not exist; this server serves "
                             f"{', '.join(names)}", "model", "model_not_found")
 
+    def admit(self, num_engine_requests: int, param: str) -> None:
+        """Refuses an API request that fans out into too many engine requests, or that comes
+        while the engine's queue is full (--max-waiting-requests)."""
+        cfg = self.config
+        if num_engine_requests > cfg.max_prompts_per_request:
+            raise InvalidRequestError(f"one request may carry at most "
+                                      f"{cfg.max_prompts_per_request} prompts (prompts x n)",
+                                      param)
+        if cfg.max_waiting_requests:
+            waiting = self.engine.stats().num_waiting
+            if waiting >= cfg.max_waiting_requests:
+                raise HTTPError(503, f"the server is overloaded: {waiting} requests are "
+                                "waiting; retry later", code="server_overloaded")
+
     def check_heads(self, engine: AsyncEngine) -> None:
         cfg = engine.model_config
         self.heads.check_model(engine.model_path, engine.tokenizer, cfg.hidden_size,

@@ -87,6 +87,13 @@ FLAGS = (
          "(from `pikaserve heads train`) or a built-in name (pika); repeatable",
          dest="heads"),
     Flag("max-request-body-bytes", "server", type=int, help="larger bodies get 413 (4 MiB)"),
+    Flag("max-prompts-per-request", "server", type=int, help="prompts x n one API request "
+         "may carry (1024)"),
+    Flag("max-inflight-per-request", "server", type=int, help="engine requests of one API "
+         "request in the engine at once; the rest wait their turn, so later requests are not "
+         "starved (32)"),
+    Flag("max-waiting-requests", "server", type=int, help="refuse new requests with 503 "
+         "while this many wait for the engine (0: no limit, the default)"),
     Flag("trust-remote-code", "server", "bool", help="accepted; pikaserve never runs model code"),
     Flag("uvicorn-log-level", "server", help="critical|error|warning|info|debug|trace (info)"),
     Flag("graceful-shutdown-timeout", "server", type=float,

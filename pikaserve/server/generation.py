@@ -36,8 +36,11 @@ class Generation:
         work: Sequence[tuple[list[int], SamplingParams]],
         metrics: ServerMetrics,
         arrival: float,
+        max_inflight: int,
     ) -> None:
         self.engine = engine
+        # at most this many of its engine requests in the engine at once (ServerConfig)
+        self.window = asyncio.Semaphore(max_inflight)
         self.request_id = request_id
         self.work = work
         self.metrics = metrics
@@ -97,8 +100,9 @@ class Generation:
 
         async def pump(i: int, gen: AsyncIterator[RequestOutput]) -> None:
             try:
-                async for out in gen:
-                    queue.put_nowait((i, out))
+                async with self.window:  # the engine request is added on the first anext
+                    async for out in gen:
+                        queue.put_nowait((i, out))
                 queue.put_nowait((i, _END))
             except Exception as exc:  # noqa: BLE001  # re-raised by the consumer below
                 queue.put_nowait((i, exc))

@@ -43,7 +43,6 @@ if TYPE_CHECKING:
     from pikaserve.server.app import ServerState
 
 logger = logging.getLogger("pikaserve.requests")  # the per-request log of routes.py
-MAX_INPUTS = 1024
 HEAD_HEADER = "x-pikaserve-head"
 
 
@@ -51,12 +50,14 @@ async def pool(request: Request, state: ServerState, rid: str,
                work: list[tuple[list[int], PoolingParams]]) -> list[RequestOutput]:
     """Runs one pooling request per prompt, all at once; aborts them all if the client goes."""
     engine = state.engine
+    window = asyncio.Semaphore(state.config.max_inflight_per_request)
 
     async def one(i: int, ids: list[int], params: PoolingParams) -> RequestOutput:
         gen = engine.generate(rid if len(work) == 1 else f"{rid}-{i}", ids, params)
         try:
-            async for out in gen:
-                last = out
+            async with window:
+                async for out in gen:
+                    last = out
             return last
         finally:
             await gen.aclose()  # closing before the end aborts the engine request
@@ -95,11 +96,12 @@ async def classify(request: Request, state: ServerState) -> Response:
         chats = [chat_messages(req.messages)]
     else:
         texts = [req.input] if isinstance(req.input, str) else req.input
-        if not texts or len(texts) > MAX_INPUTS:
-            raise InvalidRequestError(f"input must hold 1 to {MAX_INPUTS} texts", "input")
+        if not texts:
+            raise InvalidRequestError("input must hold at least one text", "input")
         system = [{"role": "system", "content": head.info.system_prompt}] \
             if head.info.system_prompt else []
         chats = [system + [{"role": "user", "content": t}] for t in texts]
+    state.admit(len(chats), "input")
     rid = request_id("classify")
     outs = await pool(request, state, rid, [await _head_work(state, head, c) for c in chats])
     seconds = time.perf_counter() - arrival
@@ -118,10 +120,10 @@ async def classify(request: Request, state: ServerState) -> Response:
     return JSONResponse(body, headers={HEAD_HEADER: name})
 
 
-async def _head_work(state: ServerState, head: ClassificationHead, messages: list[dict]
-                     ) -> tuple[list[int], PoolingParams]:
+async def _head_work(state: ServerState, head: ClassificationHead, messages: list[dict],
+                     cache_salt: str | None = None) -> tuple[list[int], PoolingParams]:
     ids, start, split = await state.prompts.head_prompt(head, messages)
-    return ids, PoolingParams(head.layers, head, start, split)
+    return ids, PoolingParams(head.layers, head, start, split, cache_salt)
 
 
 def _usage(outs: list[RequestOutput]) -> dict:
@@ -164,7 +166,8 @@ async def chat_by_head(request: Request, state: ServerState, req: ChatCompletion
     from the same probabilities."""
     head = state.heads.get(name)
     rid = request_id("chatcmpl")
-    out = (await pool(request, state, rid, [await _head_work(state, head, messages)]))[0]
+    out = (await pool(request, state, rid, [await _head_work(state, head, messages,
+                                                            params[0].cache_salt)]))[0]
     state.metrics.head_answer(name, time.perf_counter() - arrival, out.num_prompt_tokens)
     if not state.config.disable_log_requests:
         logger.info("%s: prompt_tokens=%d n=%d answered by head %s stream=%s", rid,
@@ -214,8 +217,7 @@ async def embeddings(request: Request, state: ServerState) -> Response:
                                             state.config.max_request_body_bytes)
     state.check_model(req.model)
     prompts = await state.prompts.prompts(req.input, "input")
-    if len(prompts) > MAX_INPUTS:
-        raise InvalidRequestError(f"input must hold at most {MAX_INPUTS} items", "input")
+    state.admit(len(prompts), "input")
     layers = state.heads.embedding_layers(state.engine.model_config.num_layers)
     dim = len(layers) * state.engine.model_config.hidden_size
     if req.dimensions is not None and req.dimensions != dim:

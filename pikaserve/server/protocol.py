@@ -78,6 +78,7 @@ class _Sampling(_Body):
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     user: str | None = None
+    cache_salt: str | None = None  # vLLM's: prefixes are shared only under the same salt
     logit_bias: dict[str, float] | None = None
     # structured output: OpenAI's response_format, vLLM's structured_outputs, older guided_*
     response_format: ResponseFormat | None = None

@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from pikaserve.server.app import ServerState
 
 logger = logging.getLogger("pikaserve.requests")
-MAX_ENGINE_REQUESTS = 1024  # prompts x n in one API request
 
 
 async def _run(request: Request, gen: Generation, stream: bool, sse_body,
@@ -83,13 +82,15 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
     engine = state.engine
     params = sampling_params(req, state.default_response_format)
     messages = chat_messages(req.messages)
+    state.admit(len(params), "n")
     head = chat_head(state, req, params)
     if head is not None:
         return await chat_by_head(request, state, req, head, messages, params, arrival)
     token_ids = await state.prompts.chat(messages, req.add_generation_prompt)
     rid = request_id("chatcmpl")
     _log(state, rid, len(token_ids), params, req.stream, req.user)
-    gen = Generation(engine, rid, [(token_ids, p) for p in params], state.metrics, arrival)
+    gen = Generation(engine, rid, [(token_ids, p) for p in params], state.metrics, arrival,
+                     state.config.max_inflight_per_request)
     created = int(time.time())
     top_n = (req.top_logprobs or 0) if req.logprobs else None
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -109,14 +110,13 @@ async def completions(request: Request, state: ServerState) -> Response:
     engine = state.engine
     params = sampling_params(req)
     prompts = await state.prompts.prompts(req.prompt, "prompt")
-    if len(prompts) * req.n > MAX_ENGINE_REQUESTS:
-        raise InvalidRequestError(
-            f"prompts x n must be at most {MAX_ENGINE_REQUESTS}", "prompt")
+    state.admit(len(prompts) * req.n, "prompt")
     rid = request_id("cmpl")
     _log(state, rid, sum(map(len, prompts)), params, req.stream, req.user)
     # choice index = prompt index * n + choice, as OpenAI and vLLM number them
     work = [(ids, p) for ids in prompts for p in params]
-    gen = Generation(engine, rid, work, state.metrics, arrival)
+    gen = Generation(engine, rid, work, state.metrics, arrival,
+                     state.config.max_inflight_per_request)
     created = int(time.time())
     want_lp = req.logprobs is not None
     include_usage = bool(req.stream_options and req.stream_options.include_usage)

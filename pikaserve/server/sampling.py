@@ -187,6 +187,7 @@ def sampling_params(
         frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         include_stop_str_in_output=req.include_stop_str_in_output,
+        cache_salt=req.cache_salt,
     )
     out = []
     for i in range(req.n):

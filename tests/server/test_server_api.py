@@ -249,3 +249,24 @@ def test_add_generation_prompt_and_message_name_are_honoured(server):
         "add_generation_prompt": False}).json()
     # the assistant turn's opening (<|im_start|>assistant\n) is left out
     assert without["usage"]["prompt_tokens"] < with_prompt["usage"]["prompt_tokens"]
+
+
+def test_cache_salt_separates_prefix_caches(server):
+    url = f"{server.url}/v1/completions"
+    prompt = "A cache salt keeps one school's prompts out of another's cache. " * 4
+
+    def run(salt=None):
+        body = {"prompt": prompt, "max_tokens": 3, "temperature": 0}
+        if salt is not None:
+            body["cache_salt"] = salt
+        r = httpx.post(url, json=body).json()
+        return r["usage"]["prompt_tokens_details"]["cached_tokens"], r["choices"][0]["text"]
+
+    _, text = run()
+    cached, again = run()
+    assert cached > 0 and again == text
+    assert run("school-a") == (0, text)  # the unsalted cache is not visible under a salt
+    assert run("school-a")[0] > 0
+    assert run("school-b")[0] == 0
+    bad = httpx.post(url, json={"prompt": "x", "cache_salt": ""})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "cache_salt"
