@@ -140,6 +140,14 @@ class ServerConfig:
     # request whose JSON schema equals a head's schema is answered by it (docs/heads.md).
     heads: list[str] = dataclasses.field(default_factory=list)
     max_request_body_bytes: int = 4 * 1024 * 1024  # larger bodies get HTTP 413
+    # Slow or idle clients: a connection gets timeout_request_head seconds for each request's
+    # head (then it is closed), timeout_request_body for its body (then 408), and is closed
+    # after timeout_keep_alive idle seconds between requests. Past max_connections open
+    # connections a new one gets 503 (0: what the process's descriptor limit allows).
+    timeout_request_head: float = 10.0
+    timeout_request_body: float = 30.0
+    timeout_keep_alive: int = 5
+    max_connections: int = 0
     # One API request fans out into prompts x n engine requests: at most this many, and at
     # most max_inflight_per_request of them in the engine at once, so that a huge batch
     # request shares the engine with the small ones that arrive after it.
@@ -157,6 +165,11 @@ class ServerConfig:
             raise ConfigError(f"port must be in [0, 65535]; got {self.port}")
         if self.max_request_body_bytes < 1024:
             raise ConfigError("max_request_body_bytes must be at least 1024")
+        for name in ("timeout_request_head", "timeout_request_body", "timeout_keep_alive"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0")
+        if self.max_connections < 0:
+            raise ConfigError("max_connections must be >= 0 (0: from the descriptor limit)")
         for name in ("max_prompts_per_request", "max_inflight_per_request"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")

@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
+from pikaserve.config import ServerConfig
 from pikaserve.server import openai_format as fmt
 
 T = TypeVar("T")
@@ -32,17 +33,24 @@ def error_response(status: int, message: str, param: str | None = None,
     return JSONResponse(fmt.error_body(status, message, param, code), status, headers=headers)
 
 
-async def read_json(request: Request, model: type[BaseModel], limit: int) -> Any:
-    """The body parsed into `model`; 413 past `limit` bytes, 400 for bad JSON or fields."""
+async def read_json(request: Request, model: type[BaseModel], config: ServerConfig) -> Any:
+    """The body parsed into `model`; 413 past max_request_body_bytes, 408 when it has not all
+    come within timeout_request_body seconds, 400 for bad JSON or fields."""
+    limit = config.max_request_body_bytes
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise HTTPError(413, f"request body exceeds {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():  # counted as it comes: chunked bodies have no length
-        size += len(chunk)
-        if size > limit:
-            raise HTTPError(413, f"request body exceeds {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(config.timeout_request_body):
+            async for chunk in request.stream():  # counted as it comes: chunked bodies too
+                size += len(chunk)
+                if size > limit:
+                    raise HTTPError(413, f"request body exceeds {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise HTTPError(408, f"the request body did not arrive within "
+                        f"{config.timeout_request_body:g} s") from None
     body = b"".join(chunks)
     try:
         return model.model_validate_json(body)

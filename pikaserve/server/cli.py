@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 from pikaserve.config import ConfigError, EngineConfig, ServerConfig
+from pikaserve.server.connections import uvicorn_config
 
 if TYPE_CHECKING:
     from pikaserve.heads.served import ServedHeads
@@ -87,6 +88,14 @@ FLAGS = (
          "(from `pikaserve heads train`) or a built-in name (pika); repeatable",
          dest="heads"),
     Flag("max-request-body-bytes", "server", type=int, help="larger bodies get 413 (4 MiB)"),
+    Flag("timeout-request-head", "server", type=float, help="seconds a connection gets to "
+         "send each request's head, then it is closed (10)"),
+    Flag("timeout-request-body", "server", type=float, help="seconds a request gets to send "
+         "its body, then 408 (30)"),
+    Flag("timeout-keep-alive", "server", type=int, help="idle seconds between requests "
+         "before a connection is closed (5)"),
+    Flag("max-connections", "server", type=int, help="open connections past this get 503 "
+         "(default: what the descriptor limit allows)"),
     Flag("max-prompts-per-request", "server", type=int, help="prompts x n one API request "
          "may carry (1024)"),
     Flag("max-inflight-per-request", "server", type=int, help="engine requests of one API "
@@ -268,14 +277,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig,
     app = create_app(server_config, engine_config=engine_config,
                      default_response_format=default_response_format,
                      on_load_failure=on_load_failure, heads=heads)
-    config = uvicorn.Config(
-        app, host=server_config.host, port=server_config.port,
-        log_level=server_config.uvicorn_log_level,
-        access_log=not server_config.disable_log_requests,
-        timeout_graceful_shutdown=server_config.graceful_shutdown_timeout,
-        lifespan="on",
-    )
-    server = _Server(config, app.state)
+    server = _Server(uvicorn_config(app, server_config), app.state)
     server.run()
     if failed:
         return 1

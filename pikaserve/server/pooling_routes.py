@@ -88,7 +88,7 @@ def _head_for(state: ServerState, model: str | None) -> tuple[str, Classificatio
 async def classify(request: Request, state: ServerState) -> Response:
     arrival = time.perf_counter()
     req: ClassifyRequest = await read_json(request, ClassifyRequest,
-                                           state.config.max_request_body_bytes)
+                                           state.config)
     name, head = _head_for(state, req.model)
     if (req.input is None) == (req.messages is None):
         raise InvalidRequestError("give exactly one of input or messages", "input")
@@ -214,7 +214,7 @@ def _head_choice(index: int, text: str, params: SamplingParams, out: RequestOutp
 # --- /v1/embeddings --------------------------------------------------------------------------
 async def embeddings(request: Request, state: ServerState) -> Response:
     req: EmbeddingRequest = await read_json(request, EmbeddingRequest,
-                                            state.config.max_request_body_bytes)
+                                            state.config)
     state.check_model(req.model)
     prompts = await state.prompts.prompts(req.input, "input")
     state.admit(len(prompts), "input")

@@ -77,7 +77,7 @@ def _log(state: ServerState, rid: str, n_prompt: int, params: list[SamplingParam
 async def chat_completions(request: Request, state: ServerState) -> Response:
     arrival = time.perf_counter()
     req: ChatCompletionRequest = await read_json(
-        request, ChatCompletionRequest, state.config.max_request_body_bytes)
+        request, ChatCompletionRequest, state.config)
     state.check_model(req.model)
     engine = state.engine
     params = sampling_params(req, state.default_response_format)
@@ -105,7 +105,7 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
 async def completions(request: Request, state: ServerState) -> Response:
     arrival = time.perf_counter()
     req: CompletionRequest = await read_json(
-        request, CompletionRequest, state.config.max_request_body_bytes)
+        request, CompletionRequest, state.config)
     state.check_model(req.model)
     engine = state.engine
     params = sampling_params(req)
@@ -141,7 +141,7 @@ async def models(request: Request, state: ServerState) -> Response:
 
 async def tokenize(request: Request, state: ServerState) -> Response:
     req: TokenizeRequest = await read_json(
-        request, TokenizeRequest, state.config.max_request_body_bytes)
+        request, TokenizeRequest, state.config)
     state.check_model(req.model)
     if (req.prompt is None) == (req.messages is None):
         raise InvalidRequestError("give exactly one of prompt or messages", "prompt")
@@ -159,7 +159,7 @@ async def tokenize(request: Request, state: ServerState) -> Response:
 
 async def detokenize(request: Request, state: ServerState) -> Response:
     req: DetokenizeRequest = await read_json(
-        request, DetokenizeRequest, state.config.max_request_body_bytes)
+        request, DetokenizeRequest, state.config)
     state.check_model(req.model)
     vocab = state.engine.model_config.vocab_size
     if any(not 0 <= t < vocab for t in req.tokens):

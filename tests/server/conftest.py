@@ -24,6 +24,7 @@ import uvicorn
 from pikaserve.config import EngineConfig, ServerConfig
 from pikaserve.engine.async_engine import AsyncEngine
 from pikaserve.server.app import create_app
+from pikaserve.server.connections import uvicorn_config
 
 TEST_MODEL = os.environ.get("PIKASERVE_TEST_MODEL")  # None: the embedded default model
 MAX_MODEL_LEN = 2048
@@ -47,7 +48,8 @@ class ServerThread:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on",
+        # the server's own connection settings (limits, deadlines), from the app's config
+        config = uvicorn_config(app, app.state.config, log_level="warning",
                                 timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
