@@ -19,6 +19,7 @@ from pikaserve.engine.llm_engine import LLMEngine
 from pikaserve.engine.outputs import EngineStats, RequestOutput
 from pikaserve.engine.pooling_params import PoolingParams
 from pikaserve.engine.sampling_params import SamplingParams
+from pikaserve.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,11 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
+    def end_all(self, reason: str) -> None:
+        """Aborts every request in the engine; each caller's generate() raises
+        EngineDeadError(reason). The engine itself keeps running."""
+        self._inbox.put(("end_all", reason))
+
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stopping.set()
         self._inbox.put(("wake", None))
@@ -168,7 +174,8 @@ class AsyncEngine:
     def _handle(self, item) -> None:
         if isinstance(item, _Add):
             if item.request_id in self._streams:
-                self._send(item.stream, ValueError(f"duplicate request id {item.request_id!r}"))
+                self._send(item.stream, InvalidRequestError(
+                    f"request id {item.request_id!r} is already in use"))
                 return
             try:
                 self.engine.add_request(item.request_id, item.token_ids, item.params, item.constraint)
@@ -176,6 +183,8 @@ class AsyncEngine:
                 self._send(item.stream, exc)
                 return
             self._streams[item.request_id] = item.stream
+        elif item[0] == "end_all":
+            self._fail_all(EngineDeadError(item[1]))
         elif item[0] == "abort":
             stream = self._streams.pop(item[1], None)
             out = self.engine.abort_request(item[1])

@@ -43,6 +43,7 @@ _NOT_READY = {
     "stopping": "the server is shutting down",
     "failed": "the model failed to load",
 }
+DRAIN_MARGIN = 1.0  # seconds before uvicorn's drain timeout at which requests are ended
 OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/ping"})  # no API key needed
 
 
@@ -56,6 +57,7 @@ class ServerState:
     engine: AsyncEngine | None = None
     phase: str = "starting"  # starting | ready | stopping | failed
     texts: fmt.TokenTexts | None = None
+    loop: asyncio.AbstractEventLoop | None = None  # the server's, once it runs
     prompts: PromptEncoder | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -88,6 +90,18 @@ class ServerState:
         cfg = engine.model_config
         self.heads.check_model(engine.model_path, engine.tokenizer, cfg.hidden_size,
                                cfg.num_layers)
+
+    def begin_shutdown(self) -> None:
+        """On SIGTERM/SIGINT (any thread): new requests get 503 from now on, and requests
+        still running just before --graceful-shutdown-timeout runs out are ended cleanly (a
+        stream with an error event and [DONE], a plain request with 503) rather than cut."""
+        if self.phase in ("starting", "ready"):
+            self.phase = "stopping"
+        if self.loop is not None and self.engine is not None:
+            delay = max(0.0, self.config.graceful_shutdown_timeout - DRAIN_MARGIN)
+            self.loop.call_soon_threadsafe(self.loop.call_later, delay, self.engine.end_all,
+                                           "the server is shutting down, and the request did "
+                                           "not finish within --graceful-shutdown-timeout")
 
     def ready(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -191,6 +205,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
+        state.loop = asyncio.get_running_loop()
         loader = asyncio.create_task(load()) if engine is None else None
         yield
         state.phase = "stopping"

@@ -293,8 +293,7 @@ class _Server(uvicorn.Server):
         self.pika_state = state
 
     def handle_exit(self, sig: int, frame: Any) -> None:
-        if self.pika_state.phase in ("starting", "ready"):
-            self.pika_state.phase = "stopping"
+        self.pika_state.begin_shutdown()
         super().handle_exit(sig, frame)
         captured = getattr(self, "_captured_signals", None)  # uvicorn >= 0.29 re-raises these
         if isinstance(captured, list):

@@ -152,7 +152,8 @@ def error_status(exc: BaseException) -> tuple[int, str, str | None]:
     if isinstance(exc, InvalidRequestError):
         return 400, str(exc), exc.param
     if isinstance(exc, EngineDeadError):
-        return 503, f"the server is shutting down: {exc}", None
+        logger.warning("request ended: %s", exc)  # one line per request, no traceback
+        return 503, str(exc), None
     logger.error("request failed: %r", exc)
     return 500, f"internal error: {exc}", None
 

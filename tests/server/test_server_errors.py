@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
@@ -172,4 +174,26 @@ def test_still_serving_after_all_that(http, async_engine):
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] is not None
     assert async_engine.is_alive
+    assert async_engine.is_idle()
+
+
+def test_a_duplicate_request_id_is_an_invalid_request(async_engine):
+    import asyncio
+
+    from pikaserve.engine.sampling_params import SamplingParams
+    from pikaserve.errors import InvalidRequestError
+
+    async def both():
+        params = SamplingParams(max_tokens=200, ignore_eos=True)
+        first = async_engine.generate("same-id", [1, 2, 3], params)
+        await anext(first)
+        with pytest.raises(InvalidRequestError, match="already in use"):
+            async for _ in async_engine.generate("same-id", [1, 2, 3], params):
+                pass
+        await first.aclose()
+
+    asyncio.run(both())
+    deadline = time.monotonic() + 10  # the abort of `first` lands at the loop's next drain
+    while not async_engine.is_idle() and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert async_engine.is_idle()
