@@ -9,8 +9,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny_models.py for every test package
 
-from tiny_models import make_tiny_model  # noqa: E402
-from triton_interpreter import interpret_without_cuda  # noqa: E402
+from tiny_models import make_tiny_model
+from triton_interpreter import interpret_without_cuda
 
 interpret_without_cuda()  # before any kernel module is imported
 

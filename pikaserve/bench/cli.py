@@ -9,18 +9,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
-
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
 
 from pikaserve.bench.config import ENDPOINTS, PIKA_SCHEMA_FORMS, WORKLOADS, BenchConfig, LoadPoint, normalize_url
 from pikaserve.bench.schedule import Arrival
 from pikaserve.bench.stats import parse_slos
 
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+
 T = TypeVar("T")
+NEEDS_EXTRA = "pikaserve bench needs its extra: pip install 'pikaserve[bench]' (rich, matplotlib)"
 DESCRIPTION = "Load generator for OpenAI-compatible servers: streams requests and reports TTFT, ITL, TPOT, E2E, throughput and goodput."
 
 
@@ -173,6 +175,12 @@ class RichProgress:
 
 def run(args: argparse.Namespace) -> int:
     """Run `bench` from parsed arguments; returns the exit status."""
+    try:  # the bench's console output is rich's; the server does not need it
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    except ImportError:
+        print(f"error: {NEEDS_EXTRA}", file=sys.stderr)
+        return 2
     from pikaserve.bench.report import print_report, write_reports  # imports the runner (httpx) lazily
     from pikaserve.bench.runner import run_bench
 

@@ -137,7 +137,7 @@ class AsyncEngine:
         if self.engine is None:
             try:
                 self.engine = LLMEngine(config)
-            except BaseException as exc:  # reported to the constructor's caller
+            except BaseException as exc:  # noqa: BLE001  # re-raised in the constructor
                 self._load_error = exc
         self._loaded.set()
         if self._load_error is None:
@@ -179,7 +179,7 @@ class AsyncEngine:
                 return
             try:
                 self.engine.add_request(item.request_id, item.token_ids, item.params, item.constraint)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001  # the caller's error, raised in generate()
                 self._send(item.stream, exc)
                 return
             self._streams[item.request_id] = item.stream

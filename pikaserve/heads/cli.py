@@ -153,7 +153,8 @@ def _fixed(args: argparse.Namespace) -> dict:
         try:
             fixed["layers"] = tuple(sorted({int(x) for x in args.layers.split(",")}))
         except ValueError:
-            raise ConfigError(f"--layers must be comma-separated integers: {args.layers}")
+            raise ConfigError(
+                f"--layers must be comma-separated integers: {args.layers}") from None
     if args.pooling is not None:
         fixed["pooling"] = args.pooling
     if args.hidden_units is not None:

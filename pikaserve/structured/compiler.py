@@ -82,7 +82,7 @@ def grammar_text(spec: GrammarSpec) -> str:
         return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
     try:
         lark = any_to_lark(spec.text)  # Lark as is; GBNF (llama.cpp / xgrammar style) converted
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  # the converter raises anything on bad text
         raise InvalidRequestError(f"invalid grammar: {exc}", "grammar") from None
     return LLMatcher.grammar_from_lark(lark)
 

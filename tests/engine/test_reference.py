@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from conftest import TINY_KINDS
-from pikaserve.engine.sampling_params import SamplingParams
 from pikaserve.llm import LLM
 from reference import PROMPTS, assert_matches_reference
 
