@@ -21,7 +21,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -34,6 +34,24 @@ from pikaserve.server import openai_format as fmt
 from pikaserve.server import pooling_routes, routes
 from pikaserve.server.asgi import ClientGone, HTTPError, error_response
 from pikaserve.server.metrics import CONTENT_TYPE, ServerMetrics
+from pikaserve.server.openapi import Endpoint, docs_page, openapi_spec
+from pikaserve.server.protocol import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ClassifyRequest,
+    ClassifyResponse,
+    Completion,
+    CompletionChunk,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from pikaserve.server.prompts import PromptEncoder
 
 logger = logging.getLogger(__name__)
@@ -44,7 +62,9 @@ _NOT_READY = {
     "failed": "the model failed to load",
 }
 DRAIN_MARGIN = 1.0  # seconds before uvicorn's drain timeout at which requests are ended
-OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/ping"})  # no API key needed
+# no API key needed (the spec and its page are as open as /health)
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/ping", "/openapi.json", "/docs"})
+ALWAYS_PATHS = frozenset({"/metrics", "/openapi.json", "/docs"})  # answered while loading too
 
 
 @dataclass
@@ -147,7 +167,7 @@ class Gate:
                                                                           self.expected):
                     problem = error_response(401, "invalid or missing API key "
                                              "(send 'Authorization: Bearer <key>')")
-            if problem is None and self.state.phase != "ready" and path != "/metrics":
+            if problem is None and self.state.phase != "ready" and path not in ALWAYS_PATHS:
                 problem = error_response(503, _NOT_READY.get(self.state.phase, "not ready"))
             if problem is not None:
                 await problem(scope, receive, send)
@@ -223,20 +243,21 @@ def create_app(
         logger.exception("unhandled error on %s", request.url.path)
         return error_response(500, f"internal error: {exc}")
 
+    spec = openapi_spec(ENDPOINTS, "pikaserve", __version__, config.api_key is not None)
+    docs = docs_page(spec)
+
+    async def openapi_json(request: Request) -> Response:
+        return JSONResponse(spec)
+
+    async def docs_html(request: Request) -> Response:
+        return HTMLResponse(docs)
+
     app = Starlette(
-        routes=[
-            Route("/v1/chat/completions", api(routes.chat_completions), methods=["POST"]),
-            Route("/v1/completions", api(routes.completions), methods=["POST"]),
-            Route("/v1/models", api(routes.models), methods=["GET"]),
-            Route("/classify", api(pooling_routes.classify), methods=["POST"]),
-            Route("/v1/classify", api(pooling_routes.classify), methods=["POST"]),
-            Route("/v1/embeddings", api(pooling_routes.embeddings), methods=["POST"]),
-            Route("/tokenize", api(routes.tokenize), methods=["POST"]),
-            Route("/detokenize", api(routes.detokenize), methods=["POST"]),
-            Route("/health", health, methods=["GET"]),
-            Route("/ping", health, methods=["GET", "POST"]),
-            Route("/version", version, methods=["GET"]),
-            Route("/metrics", api(metrics_route), methods=["GET"]),
+        routes=[Route(e.path, e.handler if e.path in PLAIN_PATHS else api(e.handler),
+                      methods=[e.method]) for e in ENDPOINTS] + [
+            Route("/ping", health, methods=["POST"]),  # SageMaker's probe, GET in the table
+            Route("/openapi.json", openapi_json, methods=["GET"]),
+            Route("/docs", docs_html, methods=["GET"]),
         ],
         exception_handlers={404: not_found, 405: not_found, Exception: internal},
         lifespan=lifespan,
@@ -255,3 +276,30 @@ async def version(request: Request) -> Response:
 
 async def metrics_route(request: Request, state: ServerState) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+# Every route, what it parses and what it returns: the app routes with it and /openapi.json
+# is generated from it.
+ENDPOINTS = [
+    Endpoint("/v1/chat/completions", "POST", routes.chat_completions, "Chat completion",
+             ChatCompletionRequest, ChatCompletion, ChatCompletionChunk),
+    Endpoint("/v1/completions", "POST", routes.completions, "Text completion",
+             CompletionRequest, Completion, CompletionChunk),
+    Endpoint("/v1/models", "GET", routes.models, "The served model names", None, ModelList),
+    Endpoint("/classify", "POST", pooling_routes.classify, "Answer with a classification "
+             "head (vLLM's shape)", ClassifyRequest, ClassifyResponse),
+    Endpoint("/v1/classify", "POST", pooling_routes.classify, "Same as /classify",
+             ClassifyRequest, ClassifyResponse),
+    Endpoint("/v1/embeddings", "POST", pooling_routes.embeddings, "Embeddings (OpenAI's "
+             "shape)", EmbeddingRequest, EmbeddingResponse),
+    Endpoint("/tokenize", "POST", routes.tokenize, "Token ids of a prompt or a chat",
+             TokenizeRequest, TokenizeResponse),
+    Endpoint("/detokenize", "POST", routes.detokenize, "Text of token ids",
+             DetokenizeRequest, DetokenizeResponse),
+    Endpoint("/health", "GET", health, "200 when ready, 503 while loading or stopping"),
+    Endpoint("/ping", "GET", health, "Same as /health"),
+    Endpoint("/version", "GET", version, "pikaserve's version"),
+    Endpoint("/metrics", "GET", metrics_route, "Prometheus metrics",
+             media_type=CONTENT_TYPE.split(";")[0]),
+]
+PLAIN_PATHS = frozenset({"/health", "/ping", "/version"})  # no ServerState argument

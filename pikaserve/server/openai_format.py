@@ -12,6 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pikaserve.engine.outputs import TokenLogprob
+from pikaserve.server.protocol import (
+    ChatCompletion,
+    ChatLogprobs,
+    Completion,
+    CompletionLogprobs,
+    ErrorResponse,
+    Usage,
+)
 
 DONE = b"data: [DONE]\n\n"
 
@@ -28,7 +36,7 @@ _ERROR_TYPES = {
 
 
 def error_body(status: int, message: str, param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
+               code: str | None = None) -> ErrorResponse:
     etype, default_code = _ERROR_TYPES.get(status, ("invalid_request_error", None))
     return {"error": {"message": message, "type": etype, "param": param,
                       "code": code or default_code}}
@@ -66,7 +74,7 @@ class Choice:
     num_cached_tokens: int = 0
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -75,7 +83,7 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
     }
 
 
-def usage_of(choices: list[Choice], num_choices_per_prompt: int) -> dict[str, Any]:
+def usage_of(choices: list[Choice], num_choices_per_prompt: int) -> Usage:
     """The prompt counts once per distinct prompt, not once per choice (as OpenAI bills n>1)."""
     firsts = choices[::num_choices_per_prompt]
     return usage(
@@ -86,7 +94,7 @@ def usage_of(choices: list[Choice], num_choices_per_prompt: int) -> dict[str, An
 
 
 # --- logprobs ------------------------------------------------------------------------------
-def chat_logprobs(items: list[TokenLogprob], texts: TokenTexts, top_n: int) -> dict[str, Any]:
+def chat_logprobs(items: list[TokenLogprob], texts: TokenTexts, top_n: int) -> ChatLogprobs:
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
         t = texts(token_id)
         return {"token": t, "logprob": logprob, "bytes": list(t.encode())}
@@ -100,7 +108,7 @@ def chat_logprobs(items: list[TokenLogprob], texts: TokenTexts, top_n: int) -> d
 
 
 def completion_logprobs(items: list[TokenLogprob], texts: TokenTexts,
-                        offset: int) -> dict[str, Any]:
+                        offset: int) -> CompletionLogprobs:
     tokens, values, tops, offsets = [], [], [], []
     for lp in items:
         t = texts(lp.token_id)
@@ -115,7 +123,7 @@ def completion_logprobs(items: list[TokenLogprob], texts: TokenTexts,
 
 # --- chat ----------------------------------------------------------------------------------
 def chat_response(rid: str, created: int, model: str, choices: list[Choice],
-                  texts: TokenTexts, top_n: int | None) -> dict[str, Any]:
+                  texts: TokenTexts, top_n: int | None) -> ChatCompletion:
     out = []
     for c in choices:
         out.append({
@@ -129,42 +137,54 @@ def chat_response(rid: str, created: int, model: str, choices: list[Choice],
             "system_fingerprint": None}
 
 
-class ChatChunks:
-    """SSE chunks of one streamed chat completion."""
+class _Chunks:
+    """SSE chunks of one streamed response: the same head on each, one choice per chunk, and
+    with include_usage a last chunk holding the usage and no choice."""
+
+    object = ""
 
     def __init__(self, rid: str, created: int, model: str, include_usage: bool) -> None:
-        self.head = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                     "model": model, "system_fingerprint": None}
+        self.head = {"id": rid, "object": self.object, "created": created, "model": model,
+                     "system_fingerprint": None}
         self.include_usage = include_usage
 
-    def _chunk(self, index: int, delta: dict[str, Any], logprobs: Any = None,
-               finish_reason: str | None = None) -> bytes:
+    def _event(self, choice: dict[str, Any]) -> bytes:
         obj = dict(self.head)
-        obj["choices"] = [{"index": index, "delta": delta, "logprobs": logprobs,
-                           "finish_reason": finish_reason}]
+        obj["choices"] = [choice]
         if self.include_usage:
             obj["usage"] = None  # OpenAI: null on every chunk but the last
         return sse(obj)
 
-    def role(self, index: int) -> bytes:
-        return self._chunk(index, {"role": "assistant", "content": "", "refusal": None})
-
-    def content(self, index: int, text: str, logprobs: dict[str, Any] | None) -> bytes:
-        return self._chunk(index, {"content": text}, logprobs)
-
-    def finish(self, index: int, reason: str | None) -> bytes:
-        return self._chunk(index, {}, None, reason)
-
-    def usage(self, u: dict[str, Any]) -> bytes:
+    def usage(self, u: Usage) -> bytes:
         obj = dict(self.head)
         obj["choices"] = []
         obj["usage"] = u
         return sse(obj)
 
 
+class ChatChunks(_Chunks):
+    """Events of a streamed chat completion (protocol.ChatCompletionChunk)."""
+
+    object = "chat.completion.chunk"
+
+    def _chunk(self, index: int, delta: dict[str, Any], logprobs: Any = None,
+               finish_reason: str | None = None) -> bytes:
+        return self._event({"index": index, "delta": delta, "logprobs": logprobs,
+                            "finish_reason": finish_reason})
+
+    def role(self, index: int) -> bytes:
+        return self._chunk(index, {"role": "assistant", "content": "", "refusal": None})
+
+    def content(self, index: int, text: str, logprobs: ChatLogprobs | None) -> bytes:
+        return self._chunk(index, {"content": text}, logprobs)
+
+    def finish(self, index: int, reason: str | None) -> bytes:
+        return self._chunk(index, {}, None, reason)
+
+
 # --- text completions ----------------------------------------------------------------------
 def completion_response(rid: str, created: int, model: str, choices: list[Choice],
-                        texts: TokenTexts, want_logprobs: bool, n: int) -> dict[str, Any]:
+                        texts: TokenTexts, want_logprobs: bool, n: int) -> Completion:
     out = []
     for c in choices:
         out.append({
@@ -177,23 +197,12 @@ def completion_response(rid: str, created: int, model: str, choices: list[Choice
             "choices": out, "usage": usage_of(choices, n), "system_fingerprint": None}
 
 
-class CompletionChunks:
-    def __init__(self, rid: str, created: int, model: str, include_usage: bool) -> None:
-        self.head = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                     "system_fingerprint": None}
-        self.include_usage = include_usage
+class CompletionChunks(_Chunks):
+    """Events of a streamed completion (protocol.CompletionChunk)."""
 
-    def text(self, index: int, text: str, logprobs: dict[str, Any] | None,
+    object = "text_completion"
+
+    def text(self, index: int, text: str, logprobs: CompletionLogprobs | None,
              finish_reason: str | None = None) -> bytes:
-        obj = dict(self.head)
-        obj["choices"] = [{"index": index, "text": text, "logprobs": logprobs,
-                           "finish_reason": finish_reason}]
-        if self.include_usage:
-            obj["usage"] = None
-        return sse(obj)
-
-    def usage(self, u: dict[str, Any]) -> bytes:
-        obj = dict(self.head)
-        obj["choices"] = []
-        obj["usage"] = u
-        return sse(obj)
+        return self._event({"index": index, "text": text, "logprobs": logprobs,
+                            "finish_reason": finish_reason})

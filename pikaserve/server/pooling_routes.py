@@ -36,7 +36,13 @@ from pikaserve.server.asgi import (
     until_disconnect,
 )
 from pikaserve.server.generation import error_status
-from pikaserve.server.protocol import ChatCompletionRequest, ClassifyRequest, EmbeddingRequest
+from pikaserve.server.protocol import (
+    ChatCompletionRequest,
+    ClassifyRequest,
+    ClassifyResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
+)
 from pikaserve.server.sampling import chat_messages
 
 if TYPE_CHECKING:
@@ -115,7 +121,7 @@ async def classify(request: Request, state: ServerState) -> Response:
                               "num_classes": len(probs)}
         first = fields[head.fields[0].name]
         data.append({"index": i, **first, "fields": fields})
-    body = {"id": rid, "object": "list", "created": int(time.time()), "model": name,
+    body: ClassifyResponse = {"id": rid, "object": "list", "created": int(time.time()), "model": name,
             "data": data, "usage": _usage(outs)}
     return JSONResponse(body, headers={HEAD_HEADER: name})
 
@@ -228,8 +234,9 @@ async def embeddings(request: Request, state: ServerState) -> Response:
     data = [{"object": "embedding", "index": i,
              "embedding": _encode(o.pooled, req.encoding_format)} for i, o in enumerate(outs)]
     n_prompt = sum(o.num_prompt_tokens for o in outs)
-    return JSONResponse({"object": "list", "data": data, "model": state.model_name,
-                         "usage": {"prompt_tokens": n_prompt, "total_tokens": n_prompt}})
+    body: EmbeddingResponse = {"object": "list", "data": data, "model": state.model_name,
+                               "usage": {"prompt_tokens": n_prompt, "total_tokens": n_prompt}}
+    return JSONResponse(body)
 
 
 def _encode(vector: list[float], encoding: str) -> list[float] | str:

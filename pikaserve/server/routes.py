@@ -33,7 +33,10 @@ from pikaserve.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    DetokenizeResponse,
+    ModelList,
     TokenizeRequest,
+    TokenizeResponse,
 )
 from pikaserve.server.sampling import chat_messages, sampling_params
 
@@ -136,7 +139,8 @@ async def models(request: Request, state: ServerState) -> Response:
         "id": name, "object": "model", "created": state.created, "owned_by": "pikaserve",
         "root": state.model_name, "parent": None, "max_model_len": state.engine.max_model_len,
     } for name in state.served_names]
-    return JSONResponse({"object": "list", "data": data})
+    body: ModelList = {"object": "list", "data": data}
+    return JSONResponse(body)
 
 
 async def tokenize(request: Request, state: ServerState) -> Response:
@@ -151,7 +155,7 @@ async def tokenize(request: Request, state: ServerState) -> Response:
     else:
         add = True if req.add_special_tokens is None else req.add_special_tokens
         ids = (await state.prompts.prompts(req.prompt, "prompt", add))[0]
-    body = {"count": len(ids), "max_model_len": state.engine.max_model_len,
+    body: TokenizeResponse = {"count": len(ids), "max_model_len": state.engine.max_model_len,
             "tokens": ids, "token_strs": [state.texts(t) for t in ids]
             if req.return_token_strs else None}
     return JSONResponse(body)
@@ -164,4 +168,5 @@ async def detokenize(request: Request, state: ServerState) -> Response:
     vocab = state.engine.model_config.vocab_size
     if any(not 0 <= t < vocab for t in req.tokens):
         raise InvalidRequestError(f"token ids must be in [0, {vocab})", "tokens")
-    return JSONResponse({"prompt": state.engine.tokenizer.decode(req.tokens)})
+    body: DetokenizeResponse = {"prompt": state.engine.tokenizer.decode(req.tokens)}
+    return JSONResponse(body)
