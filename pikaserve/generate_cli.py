@@ -13,17 +13,28 @@ from pathlib import Path
 from pikaserve.data import pika_seed_request
 from pikaserve.engine.sampling_params import SamplingParams
 
+DESCRIPTION = ("Run one chat request offline and print the answer and its timings. By default "
+               "it runs the Pika seed request twice: once cold, once with the system prompt "
+               "already in the prefix cache.")
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="run a chat request offline and print answer + timings")
-    p.add_argument("--model", default=None, help="HF folder or .gguf file (default: embedded SmolLM2)")
-    p.add_argument("--dtype", default="auto")
+    p = sub.add_parser("generate", help="run a chat request offline and print answer + timings",
+                       description=DESCRIPTION)
+    p.add_argument("--model", default=None,
+                   help="HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="auto",
+                   help="auto | bfloat16 | float16 | float32 (default auto: the fastest this "
+                   "machine runs correctly)")
     p.add_argument("--request", type=Path, default=None,
                    help="an OpenAI chat-completions JSON body (default: the Pika seed request)")
     p.add_argument("--prompt", default=None, help="a user message instead of --request")
-    p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--repeat", type=int, default=2, help="runs; later runs hit the prefix cache")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="tokens to generate at most (default: the request's, else 256)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 for greedy (default: the request's, else 1)")
+    p.add_argument("--repeat", type=int, default=2,
+                   help="runs (default 2); later runs hit the prefix cache")
     p.set_defaults(func=run)
 
 

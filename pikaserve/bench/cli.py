@@ -58,7 +58,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=float, default=300.0, help="seconds without data before a request counts as a timeout")
 
     g = p.add_argument_group("workload")
-    g.add_argument("--workload", choices=WORKLOADS, default="pika")
+    g.add_argument("--workload", choices=WORKLOADS, default="pika", help="what to send (pika: "
+                   "the Pika classifier, each turn new; see docs/bench.md)")
     g.add_argument("--dataset", type=Path, help="JSONL file for --workload file: one request body per line")
     g.add_argument("--pika-dir", type=Path, help="directory with the Pika files (default: the copy bundled in pikaserve.data)")
     g.add_argument("--pika-turns", type=Path, nargs="+", default=[], metavar="FILE",

@@ -16,7 +16,7 @@ import torch
 from pikaserve.config import ConfigError, EngineConfig
 from pikaserve.engine.constraint import Draft
 from pikaserve.engine.detokenizer import IncrementalDetokenizer
-from pikaserve.engine.kv_cache import allocate_kv_cache
+from pikaserve.kv.kv_cache import allocate_kv_cache
 from pikaserve.engine.model_runner import ModelRunner
 from pikaserve.engine.outputs import EngineStats, RequestOutput, TokenLogprob
 from pikaserve.engine.pooling_params import PoolingParams

@@ -19,7 +19,9 @@ logger = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("heads", help="classification heads on the frozen model")
+    p = sub.add_parser("heads", help="classification heads on the frozen model",
+                       description="Train classification heads on the frozen model's hidden "
+                       "states, answered from one forward pass (docs/heads.md).")
     hs = p.add_subparsers(dest="heads_command", required=True)
     t = hs.add_parser(
         "train", help="train a head from labelled JSONL",
@@ -30,7 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     t.add_argument("--data", required=True, help="labelled JSONL (see docs/heads.md)")
     t.add_argument("--dev", default=None, help="labelled JSONL to choose the recipe on "
                    "(default: --dev-fraction of --data)")
-    t.add_argument("--dev-fraction", type=float, default=0.2)
+    t.add_argument("--dev-fraction", type=float, default=0.2, help="without --dev: the share "
+                   "of --data held out to choose the recipe on (0.2)")
     t.add_argument("--refit-on-dev", action="store_true", help="once the recipe is chosen, "
                    "train the head on the train and dev data together")
     t.add_argument("--schema", required=True, help="JSON Schema of the answer (object of "
@@ -46,10 +49,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     t.add_argument("--pooling", choices=POOLINGS, default=None, help="fix the pooling")
     t.add_argument("--hidden-units", type=int, default=None, help="fix the classifier: 0 = "
                    "linear, N = one hidden layer of N units")
-    t.add_argument("--weight-decay", type=float, default=None)
-    t.add_argument("--class-weighting", action=argparse.BooleanOptionalAction, default=None)
-    t.add_argument("--dtype", default="auto")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--weight-decay", type=float, default=None,
+                   help="fix the L2 weight decay (default: searched, 1e-3 to 1)")
+    t.add_argument("--class-weighting", action=argparse.BooleanOptionalAction, default=None,
+                   help="fix whether classes are weighted by inverse frequency (default: "
+                   "searched)")
+    t.add_argument("--dtype", default="auto", help="the model's dtype for the features "
+                   "(auto, as the server would run it)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the dev split and the "
+                   "classifiers' first weights (0)")
     t.set_defaults(func=run_train)
     return p
 

@@ -65,7 +65,7 @@ def test_prefix_cache_is_used(model_dir, prompts):
 
 def test_forced_preemption(model_dir, prompts, alone):
     # 10 blocks of 16 tokens for 16 concurrent requests of up to ~92 tokens each.
-    from pikaserve.engine.kv_cache import bytes_per_token
+    from pikaserve.kv.kv_cache import bytes_per_token
 
     llm_probe = LLM(model_dir, dtype="float32", max_model_len=128)
     import torch
