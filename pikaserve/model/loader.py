@@ -89,16 +89,29 @@ def load_checkpoint(
     path: Path, dtype: torch.dtype, keep_int4: bool = False
 ) -> tuple[Checkpoint, Tokenizer]:
     if path.is_dir():
-        checkpoint, hf_tok = load_hf_folder(path, dtype), load_hf_tokenizer(path)
+        checkpoint = load_hf_folder(path, dtype)
     elif path.suffix == ".gguf":
-        from pikaserve.model.gguf_loader import load_gguf, load_gguf_tokenizer
+        from pikaserve.model.gguf_loader import load_gguf
 
-        checkpoint, hf_tok = load_gguf(path, dtype, keep_int4), load_gguf_tokenizer(path)
+        checkpoint = load_gguf(path, dtype, keep_int4)
     else:
         raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file")
     eos = checkpoint.config.get("eos_token_id")
     eos_ids = set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
-    return checkpoint, Tokenizer(hf_tok, eos_ids)
+    return checkpoint, load_tokenizer(path, eos_ids)
+
+
+def load_tokenizer(path: Path, eos_token_ids: set[int] | None = None) -> Tokenizer:
+    """The model's tokenizer alone (no weights read)."""
+    if path.is_dir():
+        hf_tok = load_hf_tokenizer(path)
+    elif path.suffix == ".gguf":
+        from pikaserve.model.gguf_loader import load_gguf_tokenizer
+
+        hf_tok = load_gguf_tokenizer(path)
+    else:
+        raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file")
+    return Tokenizer(hf_tok, eos_token_ids or set())
 
 
 def load_model(

@@ -196,7 +196,8 @@ def create_app(
     names = served_names(config, model)
     holder: dict[str, AsyncEngine | None] = {"engine": engine}
     metrics = ServerMetrics(
-        names[0], lambda: holder["engine"].stats() if holder["engine"] is not None else None)
+        names[0], lambda: holder["engine"].stats() if holder["engine"] is not None else None,
+        config.metrics_prefix)
     state = ServerState(config, names, metrics, default_response_format,
                         heads or ServedHeads({}))
     if engine is not None:

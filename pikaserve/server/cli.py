@@ -103,6 +103,8 @@ FLAGS = (
          "starved (32)"),
     Flag("max-waiting-requests", "server", type=int, help="refuse new requests with 503 "
          "while this many wait for the engine (0: no limit, the default)"),
+    Flag("metrics-prefix", "server", help="metric names are PREFIX:name (pikaserve); vllm "
+         "gives vLLM's names, for its dashboards"),
     Flag("trust-remote-code", "server", "bool", help="accepted; pikaserve never runs model code"),
     Flag("uvicorn-log-level", "server", help="critical|error|warning|info|debug|trace (info)"),
     Flag("graceful-shutdown-timeout", "server", type=float,

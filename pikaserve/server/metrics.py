@@ -30,12 +30,14 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class _EngineCollector(Collector):
     """Reads the engine's own gauges and counters when /metrics is scraped."""
 
-    def __init__(self, get_stats: Callable[[], EngineStats | None], model_name: str) -> None:
+    def __init__(self, get_stats: Callable[[], EngineStats | None], model_name: str,
+                 prefix: str) -> None:
         self.get_stats = get_stats
+        self.prefix = prefix
         self.labels = {"model_name": model_name}
 
     def collect(self) -> Iterator[Metric]:
-        stats = self.get_stats()
+        stats, prefix = self.get_stats(), self.prefix
         if stats is None:  # still loading: export nothing rather than made-up zeros
             return
         names = list(self.labels)
@@ -52,22 +54,23 @@ class _EngineCollector(Collector):
             return c
 
         # a stats snapshot may be one step stale, which is fine for a scrape
-        yield gauge("pikaserve:num_requests_running", "Requests in the running batch.",
+        yield gauge(f"{prefix}:num_requests_running", "Requests in the running batch.",
                     stats.num_running)
-        yield gauge("pikaserve:num_requests_waiting", "Requests waiting to be scheduled.",
+        yield gauge(f"{prefix}:num_requests_waiting", "Requests waiting to be scheduled.",
                     stats.num_waiting)
-        yield gauge("pikaserve:kv_cache_usage_perc",
+        yield gauge(f"{prefix}:kv_cache_usage_perc",
                     "Fraction of KV blocks held by requests (1 = full).", stats.kv_usage)
-        yield counter("pikaserve:prefix_cache_queries",
+        yield counter(f"{prefix}:prefix_cache_queries",
                       "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries)
-        yield counter("pikaserve:prefix_cache_hits",
+        yield counter(f"{prefix}:prefix_cache_hits",
                       "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits)
-        yield counter("pikaserve:model_forward", "Model forward passes.",
+        yield counter(f"{prefix}:model_forward", "Model forward passes.",
                       stats.num_forward_passes)
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, get_stats: Callable[[], EngineStats | None]) -> None:
+    def __init__(self, model_name: str, get_stats: Callable[[], EngineStats | None],
+                 prefix: str = "pikaserve") -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         labels = ["model_name"]
         r = self.registry
@@ -75,28 +78,28 @@ class ServerMetrics:
         def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
             return Histogram(name, doc, labels, registry=r, buckets=buckets).labels(model_name)
 
-        self.ttft = hist("pikaserve:time_to_first_token_seconds",
+        self.ttft = hist(f"{prefix}:time_to_first_token_seconds",
                          "Seconds from request receipt to the first output token.",
                          LATENCY_BUCKETS)
-        self.itl = hist("pikaserve:inter_token_latency_seconds",
+        self.itl = hist(f"{prefix}:inter_token_latency_seconds",
                         "Seconds between consecutive outputs of a request.",
                         TOKEN_LATENCY_BUCKETS)
-        self.e2e = hist("pikaserve:e2e_request_latency_seconds",
+        self.e2e = hist(f"{prefix}:e2e_request_latency_seconds",
                         "Seconds from request receipt to its last output.", LATENCY_BUCKETS)
-        self.queue = hist("pikaserve:request_queue_time_seconds",
+        self.queue = hist(f"{prefix}:request_queue_time_seconds",
                           "Seconds a request waited in the engine before its first step.",
                           LATENCY_BUCKETS)
-        self.prompt_tokens = Counter("pikaserve:prompt_tokens", "Prompt tokens processed.",
+        self.prompt_tokens = Counter(f"{prefix}:prompt_tokens", "Prompt tokens processed.",
                                      labels, registry=r).labels(model_name)
-        self.generation_tokens = Counter("pikaserve:generation_tokens", "Tokens generated.",
+        self.generation_tokens = Counter(f"{prefix}:generation_tokens", "Tokens generated.",
                                          labels, registry=r).labels(model_name)
-        self._success = Counter("pikaserve:request_success", "Requests that finished.",
+        self._success = Counter(f"{prefix}:request_success", "Requests that finished.",
                                 labels + ["finished_reason"], registry=r)
-        self._head_answers = Counter("pikaserve:head_answers",
+        self._head_answers = Counter(f"{prefix}:head_answers",
                                      "Requests answered by a classification head.",
                                      labels + ["head"], registry=r)
         self.model_name = model_name
-        r.register(_EngineCollector(get_stats, model_name))
+        r.register(_EngineCollector(get_stats, model_name, prefix))
 
     def success(self, finish_reason: str) -> None:
         self._success.labels(self.model_name, finish_reason).inc()

@@ -270,3 +270,16 @@ def test_cache_salt_separates_prefix_caches(server):
     assert run("school-b")[0] == 0
     bad = httpx.post(url, json={"prompt": "x", "cache_salt": ""})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "cache_salt"
+
+
+def test_metrics_prefix_vllm_gives_vllms_names(async_engine):
+    with serve(async_engine, metrics_prefix="vllm") as s:
+        httpx.post(f"{s.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+        text = httpx.get(f"{s.url}/metrics").text
+    for name in ("vllm:time_to_first_token_seconds_bucket", "vllm:e2e_request_latency_seconds",
+                 "vllm:num_requests_running", "vllm:num_requests_waiting",
+                 "vllm:kv_cache_usage_perc", "vllm:prompt_tokens_total",
+                 "vllm:generation_tokens_total", "vllm:request_success_total",
+                 "vllm:prefix_cache_queries_total"):
+        assert name in text, name
+    assert "pikaserve:" not in text
