@@ -20,7 +20,7 @@ from pikaserve.kv.kv_cache import allocate_kv_cache
 from pikaserve.engine.model_runner import ModelRunner
 from pikaserve.engine.outputs import EngineStats, RequestOutput, TokenLogprob
 from pikaserve.engine.pooling_params import PoolingParams
-from pikaserve.engine.request import Request, RequestStatus
+from pikaserve.engine.request import Request
 from pikaserve.engine.sampler import Sampler
 from pikaserve.engine.sampling_params import SamplingParams
 from pikaserve.engine.scheduler import Scheduler
@@ -143,7 +143,6 @@ class LLMEngine:
             req.append_tokens(self._check_stops(req, forced))
             if req.finish_reason is not None:  # the whole answer was forced: no pass at all
                 req.first_token_time = time.perf_counter()
-                req.status = RequestStatus.FINISHED
                 del self.requests[request_id]
                 self._ready.append(self._output(req, req.output_token_ids, [], finished=True))
                 return req
@@ -297,12 +296,10 @@ class LLMEngine:
         return rows if 0 < len(rows) <= vocab // 4 else None
 
     def _update(self, req: Request, token: int, logprob) -> RequestOutput:
-        now = time.perf_counter()
         forced_first: list[int] = []
         if req.first_token_time is None:
-            req.first_token_time = now
+            req.first_token_time = time.perf_counter()
             forced_first = list(req.output_token_ids)  # forced at add_request, not yet reported
-        req.last_token_time = now
         tokens = [token] + self._constrain(req, token)
         kept = self._check_stops(req, tokens)
         req.append_tokens(kept)

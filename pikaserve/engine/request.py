@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -17,12 +16,6 @@ if TYPE_CHECKING:
     from pikaserve.engine.detokenizer import IncrementalDetokenizer
 
 
-class RequestStatus(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
 @dataclass(slots=True)
 class Request:
     request_id: str
@@ -32,7 +25,6 @@ class Request:
     eos_token_ids: frozenset[int]
     constraint: Any = None  # a structured-output matcher, or None
     draft: Draft | None = None  # guessed tokens the next pass computes after the known ones
-    status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
@@ -41,18 +33,14 @@ class Request:
     num_published_blocks: int = 0  # leading blocks already offered to the prefix cache
     publish_limit: int | None = None  # tokens past this were computed shallow: never published
     num_cached_tokens: int = -1  # prompt tokens served from the prefix cache (set on first admit)
-    num_preemptions: int = 0
     generator: torch.Generator | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
-    logprobs: list[dict[str, Any]] = field(default_factory=list)
     pooled_states: list[torch.Tensor] = field(default_factory=list)  # pooling: rows so far
     # timings (time.perf_counter)
     arrival_time: float = field(default_factory=time.perf_counter)
     scheduled_time: float | None = None
     first_token_time: float | None = None
-    last_token_time: float | None = None
-    num_forward_passes: int = 0
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
@@ -66,10 +54,6 @@ class Request:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status is RequestStatus.FINISHED
 
     @property
     def is_pooling(self) -> bool:

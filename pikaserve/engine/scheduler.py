@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from pikaserve.engine.request import Request, RequestStatus
+from pikaserve.engine.request import Request
 from pikaserve.kv.block_pool import BlockPool, chain_hash, salt_root
 
 
@@ -34,7 +34,6 @@ class ScheduledRequest:
 @dataclass(slots=True)
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)  # single-token rows first
-    num_tokens: int = 0
     num_preempted: int = 0
     # Run only this many decoder layers (None: all): a step of pooling requests that read no
     # layer above it. Their KV of the layers above is never written, so what such a step
@@ -74,12 +73,10 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self._release(request)
-        request.status = RequestStatus.FINISHED
 
     def finish(self, request: Request) -> None:
         self.running.remove(request)
         self._release(request)
-        request.status = RequestStatus.FINISHED
 
     # --- one step -----------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -122,13 +119,11 @@ class Scheduler:
                 self._release(req)  # don't sit on cached blocks while waiting
                 break
             self.waiting.popleft()
-            req.status = RequestStatus.RUNNING
             self.running.append(req)
             (singles if n == 1 else chunks).append(ScheduledRequest(req, n))
             budget -= n
 
         out.scheduled = singles + chunks
-        out.num_tokens = self.max_num_batched_tokens - budget
         out.depth = self._shallow_depth(out.scheduled)
         return out
 
@@ -216,8 +211,6 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self._release(req)
-        req.status = RequestStatus.WAITING
-        req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 

@@ -28,8 +28,6 @@ class ModelConfig:
     tie_word_embeddings: bool
     qkv_bias: bool  # Qwen2 family
     qk_norm: bool  # Qwen3 family
-    eos_token_ids: tuple[int, ...]
-    bos_token_id: int | None
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
@@ -57,8 +55,6 @@ class ModelConfig:
                         f"unsupported rope_scaling type {rope_type!r}; supported: "
                         f"{', '.join(SUPPORTED_ROPE_TYPES)}"
                     )
-            eos = cfg.get("eos_token_id")
-            eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
             return cls(
                 model_type=model_type,
                 vocab_size=int(cfg["vocab_size"]),
@@ -75,8 +71,6 @@ class ModelConfig:
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 qkv_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
                 qk_norm=model_type == "qwen3",
-                eos_token_ids=eos_ids,
-                bos_token_id=cfg.get("bos_token_id"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ModelLoadError):

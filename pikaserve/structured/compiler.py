@@ -41,12 +41,8 @@ CACHE_SIZE = 256
 class GrammarSpec:
     """A structured-output request in canonical form: the cache key (with the tokenizer)."""
 
-    kind: str  # "json" | "regex" | "choice" | "grammar"
+    kind: str  # "json" | "regex" | "choice" | "grammar": also the request field at fault
     text: str
-
-    @property
-    def param(self) -> str:
-        return self.kind
 
 
 def canonical_spec(params: StructuredOutputsParams) -> GrammarSpec:
@@ -133,10 +129,10 @@ class GrammarCompiler:
         except InvalidRequestError as exc:
             return exc
         except ValueError as exc:
-            return InvalidRequestError(f"invalid {spec.kind}: {exc}", spec.param)
+            return InvalidRequestError(f"invalid {spec.kind}: {exc}", spec.kind)
         template = LLMatcher(self.info.ll, grammar, log_level=0)
         if template.is_error():
-            return InvalidRequestError(f"invalid {spec.kind}: {template.get_error()}", spec.param)
+            return InvalidRequestError(f"invalid {spec.kind}: {template.get_error()}", spec.kind)
         for warning in template.get_grammar_warnings():
             logger.debug("grammar warning (%s): %s", spec.kind, warning)
         return CompiledGrammar(spec, self.info, template)
