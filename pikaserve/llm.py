@@ -52,7 +52,8 @@ class LLM:
         all_params = [params] * len(prompts) if isinstance(params, SamplingParams) else params
         ids = [f"offline-{next(self._ids)}" for _ in prompts]
         # Compile every grammar first, so a bad schema raises before anything is queued.
-        constraints = [_constraint(p, self.tokenizer) for p in all_params]
+        # all compiled before any is queued: a bad schema fails the call with nothing left behind
+        constraints = [self.engine.constraint_for(p) for p in all_params]
         results = {}
         for rid, prompt, p, constraint in zip(ids, prompts, all_params, constraints):
             token_ids = self.prompt_token_ids(prompt)
@@ -74,10 +75,3 @@ class LLM:
                     c.e2e = out.finished_time - out.arrival_time
         return [results[rid] for rid in ids]
 
-
-def _constraint(params: SamplingParams, tokenizer) -> object | None:
-    if params.structured_outputs is None:
-        return None
-    from pikaserve.structured import build_constraint
-
-    return build_constraint(params.structured_outputs, tokenizer)

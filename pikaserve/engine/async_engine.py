@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from pikaserve.config import EngineConfig
 from pikaserve.engine.llm_engine import LLMEngine
+from pikaserve.engine.constraint import Constraint
 from pikaserve.engine.outputs import EngineStats, RequestOutput
 from pikaserve.engine.pooling_params import PoolingParams
 from pikaserve.engine.sampling_params import SamplingParams
@@ -33,7 +34,7 @@ class _Add:
     request_id: str
     token_ids: list[int]
     params: SamplingParams | PoolingParams
-    constraint: object | None
+    constraint: Constraint | None
     stream: "_Stream"
 
 
@@ -75,7 +76,7 @@ class AsyncEngine:
         request_id: str,
         token_ids: Sequence[int],
         params: SamplingParams | PoolingParams,
-        constraint: object | None = None,
+        constraint: Constraint | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yields one RequestOutput per engine step that produced something (a pooling
         request: just its finished one); aborts the request if the caller stops iterating
@@ -84,13 +85,12 @@ class AsyncEngine:
             raise EngineDeadError("the engine is shutting down")
         token_ids = list(token_ids)
         self.engine.check_request(token_ids, params)  # raises InvalidRequestError here
-        if (constraint is None and isinstance(params, SamplingParams)
-                and params.structured_outputs is not None):
-            # Compiled on a worker thread: a bad schema raises InvalidRequestError here, and
+        if constraint is None:
+            # Compiled on a grammar thread: a bad schema raises InvalidRequestError here, and
             # the engine loop never compiles.
-            from pikaserve.structured import build_constraint_async
+            from pikaserve.structured import compile_off_thread
 
-            constraint = await build_constraint_async(params.structured_outputs, self.tokenizer)
+            constraint = await compile_off_thread(self.engine.constraint_for, params)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._inbox.put(_Add(request_id, token_ids, params, constraint, stream))
         finished = False

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from pikaserve.config import ConfigError, EngineConfig
-from pikaserve.engine.constraint import Draft
+from pikaserve.engine.constraint import Constraint, Draft
 from pikaserve.engine.detokenizer import IncrementalDetokenizer
 from pikaserve.kv.kv_cache import allocate_kv_cache
 from pikaserve.engine.model_runner import ModelRunner
@@ -111,7 +111,7 @@ class LLMEngine:
         request_id: str,
         prompt: str | Sequence[int],
         params: SamplingParams | PoolingParams,
-        constraint: object | None = None,
+        constraint: Constraint | None = None,
     ) -> Request:
         """Queues a request. With PoolingParams it is prefill-only: when its prompt has been
         computed it finishes with its span's hidden states, or its transform's result
@@ -126,10 +126,8 @@ class LLMEngine:
             self.requests[request_id] = req
             self.scheduler.add(req)
             return req
-        if constraint is None and params.structured_outputs is not None:
-            from pikaserve.structured import build_constraint  # offline path: compile here
-
-            constraint = build_constraint(params.structured_outputs, self.tokenizer)
+        if constraint is None:
+            constraint = self.constraint_for(params)
         eos = frozenset() if params.ignore_eos else self.tokenizer.eos_token_ids
         detok = IncrementalDetokenizer(
             self.tokenizer, token_ids, params.stop, params.include_stop_str_in_output
@@ -148,6 +146,16 @@ class LLMEngine:
                 return req
         self.scheduler.add(req)
         return req
+
+    def constraint_for(self, params: SamplingParams | PoolingParams) -> Constraint | None:
+        """The request's structured-output matcher (compiled grammars are cached), or None;
+        InvalidRequestError for a bad schema or grammar. The one place constraints are built:
+        callers that must not wait (the event loop) run it on the grammar threads."""
+        if not isinstance(params, SamplingParams) or params.structured_outputs is None:
+            return None
+        from pikaserve.structured import build_constraint
+
+        return build_constraint(params.structured_outputs, self.tokenizer)
 
     def check_request(
         self, token_ids: list[int], params: SamplingParams | PoolingParams

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,7 +12,7 @@ from pikaserve.engine.pooling_params import PoolingParams
 from pikaserve.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from pikaserve.engine.constraint import Draft
+    from pikaserve.engine.constraint import Constraint, Draft
     from pikaserve.engine.detokenizer import IncrementalDetokenizer
 
 
@@ -23,7 +23,7 @@ class Request:
     params: SamplingParams | PoolingParams  # PoolingParams: prefill only, no token sampled
     detokenizer: "IncrementalDetokenizer"
     eos_token_ids: frozenset[int]
-    constraint: Any = None  # a structured-output matcher, or None
+    constraint: Constraint | None = None  # a structured-output matcher
     draft: Draft | None = None  # guessed tokens the next pass computes after the known ones
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)

@@ -1,7 +1,7 @@
 """Structured output: JSON Schema, regex, choice and Lark grammars via llguidance.
 
 `build_constraint(params, tokenizer)` compiles (with a cache) and returns a per-request
-GrammarMatcher, the engine's Constraint; `build_constraint_async` does it on a worker thread.
+GrammarMatcher, the engine's Constraint; `compile_off_thread` runs it on the grammar threads.
 See docs/structured_output.md.
 """
 
@@ -10,8 +10,8 @@ from pikaserve.structured.compiler import (
     GrammarCompiler,
     GrammarSpec,
     build_constraint,
-    build_constraint_async,
     canonical_spec,
+    compile_off_thread,
     get_compiler,
     warm_up,
 )
@@ -25,8 +25,8 @@ __all__ = [
     "GrammarSpec",
     "TokenizerInfo",
     "build_constraint",
-    "build_constraint_async",
     "canonical_spec",
+    "compile_off_thread",
     "get_compiler",
     "warm_up",
 ]

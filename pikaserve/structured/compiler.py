@@ -19,9 +19,10 @@ import logging
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from llguidance import LLMatcher
 from llguidance.gbnf_to_lark import any_to_lark
@@ -32,6 +33,7 @@ from pikaserve.structured.matcher import ExploreCache, GrammarMatcher
 from pikaserve.structured.tokenizer_info import TokenizerInfo
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 JSON_DEFAULTS = {"whitespace_flexible": False}
 CACHE_SIZE = 256
@@ -170,9 +172,10 @@ def compile_executor() -> ThreadPoolExecutor:
         return _executor
 
 
-async def build_constraint_async(params: StructuredOutputsParams, tokenizer: Any) -> GrammarMatcher:
+async def compile_off_thread(compile_fn: Callable[..., T], *args: Any) -> T:
+    """`compile_fn(*args)` on the grammar threads, awaited from an event loop."""
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(compile_executor(), build_constraint, params, tokenizer)
+    return await loop.run_in_executor(compile_executor(), compile_fn, *args)
 
 
 def warm_up(tokenizer: Any) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from pikaserve.engine.sampling_params import StructuredOutputsParams as S
 from pikaserve.errors import InvalidRequestError
-from pikaserve.structured import build_constraint, build_constraint_async, canonical_spec
+from pikaserve.structured import build_constraint, canonical_spec, compile_off_thread
 from pikaserve.structured.compiler import GrammarCompiler, get_compiler
 
 from .walk import random_logits, walk
@@ -109,9 +109,10 @@ def test_async_compile_runs_on_a_worker_thread(tiny_tokenizer, monkeypatch):
     monkeypatch.setattr(compiler, "build_constraint", recording)
 
     async def main():
-        ok = await build_constraint_async(S(regex="[0-9]{3}"), tiny_tokenizer)
+        ok = await compile_off_thread(compiler.build_constraint, S(regex="[0-9]{3}"),
+                                      tiny_tokenizer)
         with pytest.raises(InvalidRequestError):
-            await build_constraint_async(S(regex="[0-"), tiny_tokenizer)
+            await compile_off_thread(compiler.build_constraint, S(regex="[0-"), tiny_tokenizer)
         return ok
 
     assert asyncio.run(main()).forced_tokens() == []
