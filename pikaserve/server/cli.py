@@ -8,6 +8,7 @@ pikaserve does not have yet fails here, with a message that says so, instead of 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import socket
 import sys
@@ -50,11 +51,11 @@ FLAGS = (
     Flag("device", "engine", help="auto | cpu | cuda[:N] (default auto)"),
     Flag("max-model-len", "engine", type=int, help="context length (default: the model's, "
          "capped at 8192)"),
-    Flag("max-num-seqs", "engine", type=int, help="most sequences running at once (128)"),
-    Flag("max-num-batched-tokens", "engine", type=int, help="token budget per step (2048)"),
-    Flag("block-size", "engine", type=int, help="tokens per KV block (4)"),
+    Flag("max-num-seqs", "engine", type=int, help="most sequences running at once"),
+    Flag("max-num-batched-tokens", "engine", type=int, help="token budget per step"),
+    Flag("block-size", "engine", type=int, help="tokens per KV block"),
     Flag("gpu-memory-utilization", "engine", type=float,
-         help="CUDA: fraction of device memory for weights + KV (0.9); ignored on CPU"),
+         help="CUDA: fraction of device memory for weights + KV; ignored on CPU"),
     Flag("kv-cache-memory-bytes", "engine", type=int, help="explicit KV cache budget in bytes"),
     Flag("enable-prefix-caching", "engine", "toggle", help="reuse KV of shared prompt "
          "prefixes (on by default)"),
@@ -62,21 +63,21 @@ FLAGS = (
          "steps (on by default)"),
     Flag("enforce-eager", "engine", "bool", help="CUDA: run every step eagerly, no CUDA graphs"),
     Flag("max-cudagraph-capture-size", "engine", type=int, help="CUDA: steps of up to this "
-         "many tokens replay a captured graph (512)"),
+         "many tokens replay a captured graph"),
     Flag("kv-cache-dtype", "engine", help="auto (the model dtype) | fp8 (CUDA, e4m3)"),
     Flag("attention-backend", "engine", help="auto | torch | triton (auto: triton on CUDA)"),
     Flag("quantization", "engine", help="gguf (a quantized .gguf model) only", aliases=("-q",)),
     Flag("tensor-parallel-size", "engine", type=int, help="1 only", aliases=("-tp",)),
-    Flag("seed", "engine", type=int, help="engine random seed (0)"),
+    Flag("seed", "engine", type=int, help="engine random seed"),
     Flag("num-threads", "engine", type=int, help="CPU threads (default: all cores)"),
     Flag("int4-max-rows", "engine", type=int, help="CPU + bfloat16: steps of at most this "
-         "many rows multiply by a Q4 GGUF's 4-bit weights directly (12); 0: never"),
+         "many rows multiply by a Q4 GGUF's 4-bit weights directly; 0: never"),
     Flag("int8-max-rows", "engine", type=int, help="CPU + float32: steps of at most this many "
          "rows use int8 weights (default 2 when dtype auto chose float32; 0: never)"),
     Flag("structured-output-draft", "engine", "toggle", help="guess a grammar's next choice "
          "and compute it with the tokens forced after it in the same pass (on by default)"),
-    Flag("host", "server", help="address to bind (127.0.0.1)"),
-    Flag("port", "server", type=int, help="port to bind (8000)"),
+    Flag("host", "server", help="address to bind"),
+    Flag("port", "server", type=int, help="port to bind"),
     Flag("served-model-name", "server", "list", help="model name(s) clients use; the first "
          "is reported (default: the --model string)"),
     Flag("api-key", "server", help="require 'Authorization: Bearer KEY' on the API "
@@ -87,28 +88,28 @@ FLAGS = (
     Flag("head", "server", "append", help="answer with a classification head: NAME=DIR "
          "(from `pikaserve heads train`) or a built-in name (pika); repeatable",
          dest="heads"),
-    Flag("max-request-body-bytes", "server", type=int, help="larger bodies get 413 (4 MiB)"),
+    Flag("max-request-body-bytes", "server", type=int, help="larger bodies get 413"),
     Flag("timeout-request-head", "server", type=float, help="seconds a connection gets to "
-         "send each request's head, then it is closed (10)"),
+         "send each request's head, then it is closed"),
     Flag("timeout-request-body", "server", type=float, help="seconds a request gets to send "
-         "its body, then 408 (30)"),
+         "its body, then 408"),
     Flag("timeout-keep-alive", "server", type=int, help="idle seconds between requests "
-         "before a connection is closed (5)"),
+         "before a connection is closed"),
     Flag("max-connections", "server", type=int, help="open connections past this get 503 "
          "(default: what the descriptor limit allows)"),
     Flag("max-prompts-per-request", "server", type=int, help="prompts x n one API request "
-         "may carry (1024)"),
+         "may carry"),
     Flag("max-inflight-per-request", "server", type=int, help="engine requests of one API "
          "request in the engine at once; the rest wait their turn, so later requests are not "
-         "starved (32)"),
+         "starved"),
     Flag("max-waiting-requests", "server", type=int, help="refuse new requests with 503 "
          "while this many wait for the engine (0: no limit, the default)"),
-    Flag("metrics-prefix", "server", help="metric names are PREFIX:name (pikaserve); vllm "
+    Flag("metrics-prefix", "server", help="metric names are PREFIX:name; vllm "
          "gives vLLM's names, for its dashboards"),
     Flag("trust-remote-code", "server", "bool", help="accepted; pikaserve never runs model code"),
-    Flag("uvicorn-log-level", "server", help="critical|error|warning|info|debug|trace (info)"),
+    Flag("uvicorn-log-level", "server", help="critical|error|warning|info|debug|trace"),
     Flag("graceful-shutdown-timeout", "server", type=float,
-         help="seconds in-flight requests get to finish after SIGTERM/SIGINT (30)"),
+         help="seconds in-flight requests get to finish after SIGTERM/SIGINT"),
 )
 BY_KEY = {f.name: f for f in FLAGS}
 
@@ -134,6 +135,19 @@ class _Refuse(argparse.Action):
         raise argparse.ArgumentError(self, _unsupported_message(option_string.lstrip("-")))
 
 
+def help_with_default(flag: Flag) -> str:
+    """The flag's help with its default, read from the config dataclass (so the two cannot
+    disagree), unless the help explains its default in words."""
+    config = EngineConfig if flag.target == "engine" else ServerConfig
+    field = next(x for x in dataclasses.fields(config) if x.name == flag.field)
+    default = field.default
+    if default is dataclasses.MISSING or default is None or default is False or default == "" \
+            or "default" in flag.help:
+        return flag.help
+    return f"{flag.help} (default: {default:g})" if isinstance(default, float) else \
+        f"{flag.help} (default: {default})"
+
+
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "serve", help="serve the OpenAI-compatible API (vLLM flag names)",
@@ -145,17 +159,18 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML file with flag names as keys")
     for f in FLAGS:
         names = [f"--{f.name}", *f.aliases]
+        text = help_with_default(f)
         if f.kind == "bool":
-            p.add_argument(*names, action="store_true", default=None, help=f.help)
+            p.add_argument(*names, action="store_true", default=None, help=text)
         elif f.kind == "toggle":
             p.add_argument(*names, action=argparse.BooleanOptionalAction, default=None,
-                           help=f.help)
+                           help=text)
         elif f.kind == "list":
-            p.add_argument(*names, nargs="+", default=None, help=f.help)
+            p.add_argument(*names, nargs="+", default=None, help=text)
         elif f.kind == "append":
-            p.add_argument(*names, action="append", dest=f.field, default=None, help=f.help)
+            p.add_argument(*names, action="append", dest=f.field, default=None, help=text)
         else:
-            p.add_argument(*names, type=f.type, default=None, help=f.help)
+            p.add_argument(*names, type=f.type, default=None, help=text)
     for name in UNSUPPORTED:
         p.add_argument(f"--{name}", nargs="?", action=_Refuse, help=argparse.SUPPRESS)
     p.set_defaults(func=run)

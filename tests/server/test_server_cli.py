@@ -213,3 +213,20 @@ def test_a_port_in_use_fails_before_the_model_loads(capsys, monkeypatch):
         port = taken.getsockname()[1]
         assert cli.run(parse(["--port", str(port)])) == 2
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_flag_help_shows_the_config_dataclass_default():
+    import dataclasses
+
+    from pikaserve.config import EngineConfig, ServerConfig
+    from pikaserve.server.cli import FLAGS, help_with_default
+
+    for config in (EngineConfig, ServerConfig):
+        defaults = {f.name: f.default for f in dataclasses.fields(config)}
+        for flag in FLAGS:
+            default = defaults.get(flag.field, None) if (
+                (flag.target == "engine") == (config is EngineConfig)) else None
+            if isinstance(default, (int, float, str)) and not isinstance(default, bool) \
+                    and default != "" and "default" not in flag.help:
+                shown = f"{default:g}" if isinstance(default, float) else str(default)
+                assert f"(default: {shown})" in help_with_default(flag), flag.name
