@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from pikaserve.config import ConfigError, EngineConfig
+from pikaserve.engine import drafts as drafts_mod
 from pikaserve.engine.constraint import Constraint, Draft
 from pikaserve.engine.detokenizer import IncrementalDetokenizer
 from pikaserve.kv.kv_cache import allocate_kv_cache
@@ -208,38 +209,35 @@ class LLMEngine:
         for s in out.scheduled:
             if s.request.scheduled_time is None:
                 s.request.scheduled_time = now
-        sampling = [s.request for s in out.scheduled if s.samples and not s.request.is_pooling]
-        pooling = [s.request for s in out.scheduled if s.samples and s.request.is_pooling]
-        drafted = [s.request for s in out.scheduled if s.num_draft]  # a draft always samples
-        # the runner returns the drafts' rows after one row per sampling request
-        drafts = {r.request_id: (len(sampling) + i, r.draft) for i, r in enumerate(drafted)}
-        vocab_rows = self._allowed_vocab(sampling, [r.draft for r in drafted])
-        logits, pooled = self.runner.execute(out, vocab_rows)
+        drafts = [s.request.draft for s in out.scheduled if s.num_draft]
+        vocab_rows = self._allowed_vocab(out.sampling, drafts)
+        step, pooled = self.runner.execute(out, vocab_rows)
         self.scheduler.advance(out)
         if pooled is not None:
             pooled.keep()
-        if pooling:
-            ready += self._finish_pooling(pooling)
-        if not sampling:
+        if out.pooling:
+            ready += self._finish_pooling(out.pooling)
+        if not step.sampling:
             return ready
-        result = self.sampler(logits[: len(sampling)], sampling)
+        result = self.sampler(step.sampled_logits, step.sampling)
         outputs = {}
         confirmed, rows = [], []  # requests whose draft the sampled token confirmed
-        for req, token, lp in zip(sampling, result.token_ids, result.logprobs):
+        for req, token, lp in zip(step.sampling, result.token_ids, result.logprobs):
             req.draft = None
             outputs[req.request_id] = self._update(req, token, lp)
-            row, draft = drafts.get(req.request_id, (None, None))
-            if draft is not None and self._confirm_draft(req, token, draft):
+            row, draft = step.drafts.get(req.request_id, (None, None))
+            if draft is not None and drafts_mod.confirmed(req, token, draft):
+                self.scheduler.confirm_draft(req, len(draft.token_ids))
                 confirmed.append(req)
                 rows.append(row)
         if confirmed:  # their draft's last row holds the logits of their next choice
-            result = self.sampler(logits[rows], confirmed)
+            result = self.sampler(step.logits[rows], confirmed)
             for req, token, lp in zip(confirmed, result.token_ids, result.logprobs):
                 first = outputs[req.request_id]
                 outputs[req.request_id] = _joined(first, self._update(req, token, lp))
         if self.config.structured_output_draft and self.config.structured_output_fast_forward:
-            for req in sampling:
-                self._set_draft(req)
+            for req in step.sampling:
+                drafts_mod.propose(req, self.max_model_len)
         return ready + list(outputs.values())
 
     def _finish_pooling(self, reqs: list[Request]) -> list[RequestOutput]:
@@ -265,28 +263,6 @@ class LLMEngine:
             out.pooled = result
             outputs.append(out)
         return outputs
-
-    def _confirm_draft(self, req: Request, token: int, draft: Draft) -> bool:
-        """True when the request went on exactly as its draft guessed (the sampled token, then
-        the grammar's forced tail) and is still running: the pass computed those tokens."""
-        n = len(draft.token_ids)
-        if token != draft.token_ids[0] or req.finish_reason is not None:
-            return False
-        if req.num_tokens != req.num_computed_tokens + n:
-            return False
-        if req.all_token_ids[-n:] != draft.token_ids:
-            return False
-        self.scheduler.confirm_draft(req, n)
-        return True
-
-    def _set_draft(self, req: Request) -> None:
-        """Gives a running constrained request a draft for its next pass (engine/constraint.py)."""
-        if req.finish_reason is not None or req.constraint is None or req.constraint.is_finished:
-            return
-        draft = req.constraint.draft()
-        # keep every position inside the context (and the rope tables)
-        if draft is not None and req.num_tokens + len(draft.token_ids) < self.max_model_len:
-            req.draft = draft
 
     def _allowed_vocab(self, sampling: list[Request], drafts: list[Draft]) -> list[int] | None:
         """The tokens any sampling row may take, when every one is held by its grammar to a

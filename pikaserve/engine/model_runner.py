@@ -10,6 +10,7 @@ import torch
 
 from pikaserve.attention.backend import AttentionBackend
 from pikaserve.attention.layout import BatchLayout
+from pikaserve.engine.drafts import StepLogits
 from pikaserve.engine.forward_inputs import ForwardInputs
 from pikaserve.engine.request import Request
 from pikaserve.engine.scheduler import SchedulerOutput
@@ -40,14 +41,15 @@ class ModelRunner:
 
     def execute(
         self, out: SchedulerOutput, vocab_rows: list[int] | None = None
-    ) -> tuple[torch.Tensor, PooledStates | None]:
-        """Logits (float32) of every sampling request that reaches its last known token this
-        step, in `out.scheduled`'s order; then, in the same order, those of every such request
-        with a draft, at the draft's last token. With `vocab_rows`, only those tokens get
-        logits; the others are -inf. Second: the hidden states of the pooling requests' span
-        rows computed this step (PooledStates), or None when there are none."""
+    ) -> tuple[StepLogits, PooledStates | None]:
+        """The logits (float32) of every request in `out.sampling`, at its last known token,
+        then of every draft, at its last token, with each row's owner (StepLogits). With
+        `vocab_rows`, only those tokens get logits; the others are -inf. Second: the hidden
+        states of the pooling requests' span rows computed this step (PooledStates), or None
+        when there are none."""
         bs = self.block_size
-        ids, positions, slots, logits_rows, draft_rows = [], [], [], [], []
+        ids, positions, slots, logits_rows = [], [], [], []
+        draft_rows: list[tuple[Request, int]] = []
         query_lens, context_lens, tables = [], [], []
         hidden_rows: list[int] = []
         pooled_counts: list[tuple[Request, int]] = []
@@ -70,10 +72,10 @@ class ModelRunner:
                     hidden_rows.extend(range(row + first - start, row + n))
                     pooled_counts.append((req, start + n - first))
             row += n
-            if s.samples and not req.is_pooling:
+            if s.samples and not req.is_pooling:  # in out.sampling's order
                 logits_rows.append(row - 1 - k)
                 if k:
-                    draft_rows.append(row - 1)
+                    draft_rows.append((req, row - 1))
 
         layout = BatchLayout(
             query_lens=np.asarray(query_lens, dtype=np.int64),
@@ -86,14 +88,17 @@ class ModelRunner:
         self.num_forward_passes += 1
         layers = tuple(sorted({i for r, _ in pooled_counts for i in r.params.layers}))
         step = ForwardInputs(
-            np.concatenate(ids), layout, np.asarray(logits_rows + draft_rows, dtype=np.int64),
+            np.concatenate(ids), layout,
+            np.asarray(logits_rows + [r for _, r in draft_rows], dtype=np.int64),
             None if vocab_rows is None else np.asarray(vocab_rows, dtype=np.int64),
             np.asarray(hidden_rows, dtype=np.int64) if hidden_rows else None,
             layers, out.depth,
         )
         logits, hidden = self.forward(step)
+        drafts = {req.request_id: (len(logits_rows) + i, req.draft)
+                  for i, (req, _) in enumerate(draft_rows)}
         pooled = PooledStates(layers, hidden.cpu(), pooled_counts) if pooled_counts else None
-        return logits, pooled
+        return StepLogits(logits, out.sampling, drafts), pooled
 
     def forward(self, step: ForwardInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One model pass: replayed from a captured CUDA graph when one fits the step, else

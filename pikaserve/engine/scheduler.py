@@ -39,6 +39,11 @@ class SchedulerOutput:
     # layer above it. Their KV of the layers above is never written, so what such a step
     # computes is never published to the prefix cache.
     depth: int | None = None
+    # Fixed when scheduled (`samples` changes once the step is recorded as computed): the
+    # generating requests that reach their last known token, so sample, this step, and the
+    # pooling requests whose prompt is complete after it; both in `scheduled`'s order.
+    sampling: list[Request] = field(default_factory=list)
+    pooling: list[Request] = field(default_factory=list)
 
 
 class Scheduler:
@@ -124,6 +129,9 @@ class Scheduler:
             budget -= n
 
         out.scheduled = singles + chunks
+        for s in out.scheduled:
+            if s.samples:
+                (out.pooling if s.request.is_pooling else out.sampling).append(s.request)
         out.depth = self._shallow_depth(out.scheduled)
         return out
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from pikaserve.data import pika_answer_schema
+from pikaserve.engine import drafts as drafts_mod
 from pikaserve.engine.constraint import Draft
-from pikaserve.engine.llm_engine import LLMEngine
 from pikaserve.engine.sampling_params import SamplingParams
 from pikaserve.engine.sampling_params import StructuredOutputsParams as S
 from pikaserve.llm import LLM
@@ -50,13 +50,13 @@ def params(i: int, temperature: float = 0.0) -> SamplingParams:
 def run(llm: LLM, prompts, params_list, drafts: bool, monkeypatch) -> tuple[list, int, list]:
     """Outputs, forward passes, and whether each draft computed was confirmed."""
     verdicts = []
-    confirm = LLMEngine._confirm_draft
+    confirm = drafts_mod.confirmed
 
-    def recording(self, req, token, draft):
-        verdicts.append(confirm(self, req, token, draft))
+    def recording(req, token, draft):
+        verdicts.append(confirm(req, token, draft))
         return verdicts[-1]
 
-    monkeypatch.setattr(LLMEngine, "_confirm_draft", recording)
+    monkeypatch.setattr(drafts_mod, "confirmed", recording)
     monkeypatch.setattr(llm.engine.config, "structured_output_draft", drafts)
     before = llm.engine.num_forward_passes
     outs = llm.generate(prompts, params_list)
