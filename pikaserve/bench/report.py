@@ -217,6 +217,19 @@ def print_report(result: BenchResult, console: Console) -> None:
         if errors:
             console.print(f"[yellow]warmup errors on {server.label}: {errors_text(errors)}[/yellow]")
     for point in result.points:
-        console.print(point_table(point))
+        _print_whole(console, point_table(point))
     if len(result.points) > 1:
-        console.print(sweep_table(result))
+        _print_whole(console, sweep_table(result))
+
+
+def _print_whole(console: Console, table: Table) -> None:
+    """At the table's natural width, never squeezed into the console's: a narrow terminal
+    wraps whole lines, and a redirected run (rich assumes 80 columns) writes one line per
+    row, instead of cells folded into stacks nobody can read."""
+    natural = console.measure(table, options=console.options.update(max_width=10_000)).maximum
+    if natural <= console.width:
+        console.print(table)
+        return
+    wide = Console(file=console.file, width=natural, color_system=console.color_system,
+                   force_terminal=console.is_terminal)
+    wide.print(table)

@@ -236,3 +236,22 @@ def test_pika_turn_files_must_have_the_turn_fields(tmp_path: Path) -> None:
     bad.write_text('{"question": "hi"}\n', encoding="utf-8")
     with pytest.raises(ValueError, match="previous_answer, previous_question, response_to_check"):
         pika_workload(turn_files=(bad,))
+
+
+def test_report_tables_keep_one_line_per_row_on_a_narrow_console(fake_server: Factory) -> None:
+    import io
+
+    from rich.console import Console
+
+    from pikaserve.bench.report import print_report
+
+    a, b = fake_server(), fake_server()
+    result = bench(a, b, points=(LoadPoint(concurrency=1), LoadPoint(concurrency=2)), num_requests=2)
+    out = io.StringIO()
+    print_report(result, Console(file=out, width=60, color_system=None))
+    lines = out.getvalue().splitlines()
+    sweep = lines[next(i for i, line in enumerate(lines) if line.startswith("Sweep")):]
+    header = [line for line in sweep if line.startswith("┃")]
+    rows = [line for line in sweep if line.startswith("│")]
+    assert len(header) == 1 and "TTFT p50" in header[0] and "E2E p99" in header[0]
+    assert len(rows) == 2 * 2  # (load point, server) pairs: one line each
