@@ -158,44 +158,47 @@ def error_status(exc: BaseException) -> tuple[int, str, str | None]:
     return 500, f"internal error: {exc}", None
 
 
-async def chat_sse(
-    gen: Generation, chunks: fmt.ChatChunks, texts: fmt.TokenTexts, top_n: int | None
-) -> AsyncIterator[bytes]:
-    """A chat completion's SSE body: role chunks, content deltas, finish chunks, usage, DONE."""
+async def sse_body(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """A stream's events, then `data: [DONE]`; an error once the headers are out is reported
+    in-band as an error event before it, as vLLM does."""
     try:
-        for c in gen.choices:
-            yield chunks.role(c.index)
-        async for i, out in gen.stream():
-            if out.new_text or (out.logprobs and top_n is not None):
-                lp = fmt.chat_logprobs(out.logprobs, texts, top_n) if top_n is not None else None
-                yield chunks.content(i, out.new_text, lp)
-            if out.finished:
-                yield chunks.finish(i, out.finish_reason)
-        if chunks.include_usage:
-            yield chunks.usage(fmt.usage_of(gen.choices, len(gen.choices)))
-    except Exception as exc:  # noqa: BLE001  # headers are out: report in-band, as vLLM does
+        async for event in events:
+            yield event
+    except Exception as exc:  # noqa: BLE001  # the status line is sent: say it in the body
         status, message, param = error_status(exc)
         yield fmt.sse(fmt.error_body(status, message, param))
     yield fmt.DONE
 
 
-async def completion_sse(
+async def chat_events(
+    gen: Generation, chunks: fmt.ChatChunks, texts: fmt.TokenTexts, top_n: int | None
+) -> AsyncIterator[bytes]:
+    """A chat completion's chunks: roles, content deltas, finish chunks, usage."""
+    for c in gen.choices:
+        yield chunks.role(c.index)
+    async for i, out in gen.stream():
+        if out.new_text or (out.logprobs and top_n is not None):
+            lp = fmt.chat_logprobs(out.logprobs, texts, top_n) if top_n is not None else None
+            yield chunks.content(i, out.new_text, lp)
+        if out.finished:
+            yield chunks.finish(i, out.finish_reason)
+    if chunks.include_usage:
+        yield chunks.usage(fmt.usage_of(gen.choices, len(gen.choices)))
+
+
+async def completion_events(
     gen: Generation, chunks: fmt.CompletionChunks, texts: fmt.TokenTexts,
     want_logprobs: bool, n: int,
 ) -> AsyncIterator[bytes]:
+    """A completion's chunks: text deltas (with finish reasons), usage."""
     offsets = [0] * len(gen.choices)
-    try:
-        async for i, out in gen.stream():
-            lp = None
-            if want_logprobs:
-                lp = fmt.completion_logprobs(out.logprobs, texts, offsets[i])
-                offsets[i] += sum(len(t) for t in lp["tokens"])
-            if out.new_text or lp or out.finished:
-                reason = out.finish_reason if out.finished else None
-                yield chunks.text(i, out.new_text, lp, reason)
-        if chunks.include_usage:
-            yield chunks.usage(fmt.usage_of(gen.choices, n))
-    except Exception as exc:  # noqa: BLE001  # as above
-        status, message, param = error_status(exc)
-        yield fmt.sse(fmt.error_body(status, message, param))
-    yield fmt.DONE
+    async for i, out in gen.stream():
+        lp = None
+        if want_logprobs:
+            lp = fmt.completion_logprobs(out.logprobs, texts, offsets[i])
+            offsets[i] += sum(len(t) for t in lp["tokens"])
+        if out.new_text or lp or out.finished:
+            reason = out.finish_reason if out.finished else None
+            yield chunks.text(i, out.new_text, lp, reason)
+    if chunks.include_usage:
+        yield chunks.usage(fmt.usage_of(gen.choices, n))

@@ -35,7 +35,7 @@ from pikaserve.server.asgi import (
     request_id,
     until_disconnect,
 )
-from pikaserve.server.generation import error_status
+from pikaserve.server.generation import error_status, sse_body
 from pikaserve.server.protocol import (
     ChatCompletionRequest,
     ClassifyRequest,
@@ -185,19 +185,18 @@ async def chat_by_head(request: Request, state: ServerState, req: ChatCompletion
     if not req.stream:
         return JSONResponse(fmt.chat_response(rid, created, state.model_name, choices,
                                               state.texts, None), headers=headers)
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    chunks = fmt.ChatChunks(rid, created, state.model_name, include_usage)
+    chunks = fmt.ChatChunks(rid, created, state.model_name, req.include_usage)
 
-    async def body():
+    async def events():
         for c in choices:
             yield chunks.role(c.index)
             yield chunks.content(c.index, "".join(c.text), None)
             yield chunks.finish(c.index, c.finish_reason)
-        if include_usage:
+        if req.include_usage:
             yield chunks.usage(fmt.usage_of(choices, len(choices)))
-        yield fmt.DONE
 
-    return SSEResponse(body(), headers=headers)  # the engine request is already done
+    # the engine request is already done
+    return SSEResponse(sse_body(events()), headers=headers)
 
 
 def _head_choice(index: int, text: str, params: SamplingParams, out: RequestOutput,

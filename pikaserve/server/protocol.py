@@ -90,6 +90,11 @@ class _Sampling(_Body):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
 
+    @property
+    def include_usage(self) -> bool:
+        """A stream ends with a usage chunk."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage]

@@ -28,7 +28,13 @@ from pikaserve.server.asgi import (
     request_id,
     until_disconnect,
 )
-from pikaserve.server.generation import Generation, chat_sse, completion_sse, error_status
+from pikaserve.server.generation import (
+    Generation,
+    chat_events,
+    completion_events,
+    error_status,
+    sse_body,
+)
 from pikaserve.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -96,10 +102,9 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
                      state.config.max_inflight_per_request)
     created = int(time.time())
     top_n = (req.top_logprobs or 0) if req.logprobs else None
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    chunks = fmt.ChatChunks(rid, created, state.model_name, include_usage)
+    chunks = fmt.ChatChunks(rid, created, state.model_name, req.include_usage)
     return await _run(
-        request, gen, req.stream, chat_sse(gen, chunks, state.texts, top_n),
+        request, gen, req.stream, sse_body(chat_events(gen, chunks, state.texts, top_n)),
         lambda: fmt.chat_response(rid, created, state.model_name, gen.choices, state.texts,
                                   top_n),
     )
@@ -122,11 +127,10 @@ async def completions(request: Request, state: ServerState) -> Response:
                      state.config.max_inflight_per_request)
     created = int(time.time())
     want_lp = req.logprobs is not None
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    chunks = fmt.CompletionChunks(rid, created, state.model_name, include_usage)
+    chunks = fmt.CompletionChunks(rid, created, state.model_name, req.include_usage)
     return await _run(
         request, gen, req.stream,
-        completion_sse(gen, chunks, state.texts, want_lp, req.n),
+        sse_body(completion_events(gen, chunks, state.texts, want_lp, req.n)),
         lambda: fmt.completion_response(rid, created, state.model_name, gen.choices,
                                         state.texts, want_lp, req.n),
     )

@@ -88,8 +88,10 @@ def _check(spec: dict, op: dict, r: httpx.Response) -> None:
 
 
 def _cheap(body):
+    """Bounded work: a chat request without max_tokens may generate up to the context."""
     if isinstance(body, dict):
         body = {**body, **{k: v for k, v in CHEAP.items() if k in body}}
+        body.setdefault("max_tokens", 2)
         if isinstance(body.get("n"), int) and body["n"] > 2:
             body["n"] = 2
     return body
