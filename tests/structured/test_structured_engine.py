@@ -186,16 +186,17 @@ def test_several_samples_of_one_prompt(llm):
 
 
 def test_async_streaming_compiles_off_the_loop(llm, monkeypatch):
-    from pikaserve.structured import compiler
+    import pikaserve.structured
 
     threads = []
-    real = compiler.build_constraint
+    real = pikaserve.structured.build_constraint
 
     def recording(params, tokenizer):
         threads.append(threading.current_thread().name)
         return real(params, tokenizer)
 
-    monkeypatch.setattr(compiler, "build_constraint", recording)
+    # where LLMEngine.constraint_for, the one place constraints are built, finds it
+    monkeypatch.setattr(pikaserve.structured, "build_constraint", recording)
     turn = pika_turns()[11]
     want = llm.generate([pika_messages(turn)], pika())[0]
     engine = AsyncEngine(engine=llm.engine)
@@ -220,7 +221,10 @@ def test_async_streaming_compiles_off_the_loop(llm, monkeypatch):
         assert [t for o in chunks for t in o.new_token_ids] == want.token_ids
         assert chunks[-1].finished and chunks[-1].finish_reason == "stop"
     assert len(b[-1].new_token_ids) + sum(len(o.new_token_ids) for o in b[:-1]) <= 8
-    assert threads and "pikaserve-engine" not in threads
+    # the offline generate() above compiled on the main thread; the async path on the grammar
+    # threads, never on the engine's loop
+    assert "pikaserve-engine" not in threads
+    assert sum(t.startswith("pikaserve-grammar") for t in threads) == 3
     assert llm.engine.pool_is_idle()
 
 
