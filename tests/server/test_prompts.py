@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from pikaserve.errors import InvalidRequestError
-from pikaserve.server.prompts import PromptEncoder
+from pikaserve.server.prompts import INLINE_CHARS, PromptEncoder
 
 
 class FakeTokenizer:
@@ -40,18 +40,21 @@ def test_too_long_text_is_refused_without_tokenizing():
     assert asyncio.run(enc.prompts("x" * 40, "prompt")) == [[1] * 10]
 
 
-def test_tokenizing_runs_off_the_event_loop():
+def test_long_prompts_are_tokenized_off_the_event_loop():
     tok = FakeTokenizer()
-    enc = PromptEncoder(tok, max_model_len=100)
+    enc = PromptEncoder(tok, max_model_len=10_000)
+    long = "x" * (INLINE_CHARS + 1)
 
     async def both():
         loop_thread = threading.current_thread()
-        await enc.chat([{"role": "user", "content": "hello"}])
-        await enc.prompts(["a", "b"], "prompt")
+        await enc.chat([{"role": "user", "content": long}])
+        await enc.prompts([long, "b"], "prompt")
+        await enc.prompts("short", "prompt")  # in place: a thread hop costs more
         return loop_thread
 
     loop_thread = asyncio.run(both())
-    assert len(tok.threads) == 3 and loop_thread not in tok.threads
+    assert len(tok.threads) == 4
+    assert loop_thread not in tok.threads[:3] and tok.threads[3] is loop_thread
 
 
 def test_token_id_prompts_pass_through():
