@@ -85,9 +85,10 @@ class AsyncEngine:
             raise EngineDeadError("the engine is shutting down")
         token_ids = list(token_ids)
         self.engine.check_request(token_ids, params)  # raises InvalidRequestError here
-        if constraint is None:
+        if (constraint is None and isinstance(params, SamplingParams)
+                and params.structured_outputs is not None):
             # Compiled on a grammar thread: a bad schema raises InvalidRequestError here, and
-            # the engine loop never compiles.
+            # the engine loop never compiles (a request without a grammar skips the hop).
             from pikaserve.structured import compile_off_thread
 
             constraint = await compile_off_thread(self.engine.constraint_for, params)

@@ -121,8 +121,8 @@ async def classify(request: Request, state: ServerState) -> Response:
                               "num_classes": len(probs)}
         first = fields[head.fields[0].name]
         data.append({"index": i, **first, "fields": fields})
-    body: ClassifyResponse = {"id": rid, "object": "list", "created": int(time.time()), "model": name,
-            "data": data, "usage": _usage(outs)}
+    body: ClassifyResponse = {"id": rid, "object": "list", "created": int(time.time()),
+                              "model": name, "data": data, "usage": _usage(outs)}
     return JSONResponse(body, headers={HEAD_HEADER: name})
 
 
