@@ -42,13 +42,14 @@ class ModelRunner:
     def execute(
         self, out: SchedulerOutput, vocab_rows: list[int] | None = None
     ) -> tuple[StepLogits, PooledStates | None]:
-        """The logits (float32) of every request in `out.sampling`, at its last known token,
+        """The logits (float32) of every request that samples this step, at its last known token,
         then of every draft, at its last token, with each row's owner (StepLogits). With
         `vocab_rows`, only those tokens get logits; the others are -inf. Second: the hidden
         states of the pooling requests' span rows computed this step (PooledStates), or None
         when there are none."""
         bs = self.block_size
         ids, positions, slots, logits_rows = [], [], [], []
+        sampling: list[Request] = []  # the owner of each row of logits_rows
         draft_rows: list[tuple[Request, int]] = []
         query_lens, context_lens, tables = [], [], []
         hidden_rows: list[int] = []
@@ -72,7 +73,8 @@ class ModelRunner:
                     hidden_rows.extend(range(row + first - start, row + n))
                     pooled_counts.append((req, start + n - first))
             row += n
-            if s.samples and not req.is_pooling:  # in out.sampling's order
+            if s.samples and not req.is_pooling:
+                sampling.append(req)
                 logits_rows.append(row - 1 - k)
                 if k:
                     draft_rows.append((req, row - 1))
@@ -98,7 +100,7 @@ class ModelRunner:
         drafts = {req.request_id: (len(logits_rows) + i, req.draft)
                   for i, (req, _) in enumerate(draft_rows)}
         pooled = PooledStates(layers, hidden.cpu(), pooled_counts) if pooled_counts else None
-        return StepLogits(logits, out.sampling, drafts), pooled
+        return StepLogits(logits, sampling, drafts), pooled
 
     def forward(self, step: ForwardInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One model pass: replayed from a captured CUDA graph when one fits the step, else

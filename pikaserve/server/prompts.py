@@ -41,7 +41,7 @@ class PromptEncoder:
 
     async def chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                    add_special_tokens: bool = False) -> list[int]:
-        chars = sum(len(m["content"]) for m in messages)
+        chars = _chat_chars(messages)
         self.check_length([chars], "messages")
         return await self.run(lambda: self.tokenizer.encode_chat(
             messages, add_generation_prompt, add_special_tokens), chars)
@@ -66,6 +66,12 @@ class PromptEncoder:
     async def head_prompt(self, head: Any, messages: list[dict[str, Any]]
                           ) -> tuple[list[int], int, int]:
         """A classification head's prompt: token ids, span start and split (head.prompt)."""
-        chars = sum(len(m["content"]) for m in messages)
+        chars = _chat_chars(messages)
         self.check_length([chars], "messages")
         return await self.run(lambda: head.prompt(self.tokenizer, messages), chars)
+
+
+def _chat_chars(messages: list[dict[str, Any]]) -> int:
+    """A chat's length in characters: its messages' contents (the template adds a bounded
+    few)."""
+    return sum(len(m["content"]) for m in messages)
