@@ -55,11 +55,13 @@ def run(args: argparse.Namespace) -> int:
           f"{llm.engine.load_seconds:.2f}s)")
     for i in range(args.repeat):
         (c,) = llm.generate([body["messages"]], params)
-        n = len(c.token_ids)
-        per_token = (c.e2e - c.ttft) / (n - 1) * 1e3 if n > 1 else 0.0
+        n, ttft, e2e = len(c.token_ids), c.ttft, c.e2e
+        if ttft is None or e2e is None:  # generate() runs every request to its last token
+            raise RuntimeError("the request finished without its timings")
+        per_token = (e2e - ttft) / (n - 1) * 1e3 if n > 1 else 0.0
         print(f"\nrun {i + 1}: {c.text!r}")
         print(f"  finish_reason={c.finish_reason} prompt_tokens={len(c.prompt_token_ids)} "
               f"cached_prompt_tokens={c.num_cached_tokens} output_tokens={n}")
-        print(f"  TTFT {c.ttft * 1e3:.1f} ms, per output token {per_token:.2f} ms, "
-              f"total {c.e2e * 1e3:.1f} ms")
+        print(f"  TTFT {ttft * 1e3:.1f} ms, per output token {per_token:.2f} ms, "
+              f"total {e2e * 1e3:.1f} ms")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from pikaserve.config import EngineConfig
 from pikaserve.engine.llm_engine import LLMEngine
@@ -36,9 +36,10 @@ class LLM:
     def prompt_token_ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
+        # the first item tells messages from token ids
         if prompt and isinstance(prompt[0], dict):
-            return self.tokenizer.encode_chat(list(prompt))
-        return list(prompt)
+            return self.tokenizer.encode_chat(cast(list[dict[str, Any]], list(prompt)))
+        return list(cast(Sequence[int], prompt))
 
     def generate(
         self,
@@ -46,16 +47,19 @@ class LLM:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[Completion]:
         """Runs all prompts together (continuously batched) and returns them in order."""
+        batch: Sequence[Prompt]
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, dict))):
-            prompts = [prompts]
+            batch = [cast(Prompt, prompts)]  # one prompt
+        else:
+            batch = cast(Sequence[Prompt], prompts)
         params = params or SamplingParams()
-        all_params = [params] * len(prompts) if isinstance(params, SamplingParams) else params
-        ids = [f"offline-{next(self._ids)}" for _ in prompts]
+        all_params = [params] * len(batch) if isinstance(params, SamplingParams) else params
+        ids = [f"offline-{next(self._ids)}" for _ in batch]
         # Compile every grammar first, so a bad schema raises before anything is queued.
         # all compiled before any is queued: a bad schema fails the call with nothing left behind
         constraints = [self.engine.constraint_for(p) for p in all_params]
         results = {}
-        for rid, prompt, p, constraint in zip(ids, prompts, all_params, constraints):
+        for rid, prompt, p, constraint in zip(ids, batch, all_params, constraints):
             token_ids = self.prompt_token_ids(prompt)
             self.engine.add_request(rid, token_ids, p, constraint)
             results[rid] = Completion(prompt_token_ids=token_ids)
@@ -72,6 +76,7 @@ class LLM:
                     c.ttft = out.first_token_time - out.arrival_time
                 if out.finished:
                     c.finish_reason = out.finish_reason
+                if out.finished_time is not None:  # set on the finished output
                     c.e2e = out.finished_time - out.arrival_time
         return [results[rid] for rid in ids]
 

@@ -56,8 +56,8 @@ class TorchBackend:
             meta.decode_block_tables = tensor(layout.padded_tables(nd))
             lens = layout.context_lens[:nd]
             if (lens < meta.decode_context_len).any():
-                mask = np.arange(meta.decode_context_len)[None, :] < lens[:, None]
-                meta.decode_mask = torch.from_numpy(mask).to(device)[:, None, None, :]
+                visible = np.arange(meta.decode_context_len)[None, :] < lens[:, None]
+                meta.decode_mask = torch.from_numpy(visible).to(device)[:, None, None, :]
         return meta
 
 
@@ -99,9 +99,11 @@ class TorchPagedAttention:
     def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         # Plain matmuls beat SDPA's CPU kernel ~5x for one query row; GQA by grouping the
         # query heads per key head instead of repeating keys.
-        b, length = q.shape[0], meta.decode_context_len
-        keys = self._gather(k_cache, meta.decode_block_tables, length)  # [B, Hkv, L, D]
-        values = self._gather(v_cache, meta.decode_block_tables, length)
+        b, length, tables = q.shape[0], meta.decode_context_len, meta.decode_block_tables
+        if tables is None:
+            raise ValueError("decode rows need the metadata's decode_block_tables")
+        keys = self._gather(k_cache, tables, length)  # [B, Hkv, L, D]
+        values = self._gather(v_cache, tables, length)
         q = q.view(b, self.num_kv_heads, -1, self.head_dim)  # [B, Hkv, group, D]
         scores = (q @ keys.mT).float().mul_(self.scale)  # [B, Hkv, group, L]
         if meta.decode_mask is not None:  # rows shorter than the longest

@@ -102,7 +102,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `bench` on pikaserve's CLI."""
     parser = subparsers.add_parser("bench", help="measure servers under load", description=DESCRIPTION)
     configure_parser(parser)

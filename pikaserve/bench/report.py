@@ -12,7 +12,7 @@ import json
 import math
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 from rich.console import Console
 from rich.table import Table
@@ -230,6 +230,8 @@ def _print_whole(console: Console, table: Table) -> None:
     if natural <= console.width:
         console.print(table)
         return
-    wide = Console(file=console.file, width=natural, color_system=console.color_system,
+    # rich types Console.color_system as str; its values are names Console() takes
+    colors = cast(Literal["standard", "256", "truecolor", "windows"] | None, console.color_system)
+    wide = Console(file=console.file, width=natural, color_system=colors,
                    force_terminal=console.is_terminal)
     wide.print(table)

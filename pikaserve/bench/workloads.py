@@ -253,13 +253,14 @@ def file_workload(path: Path, warmup: int = 0) -> Workload:
         except ValueError as exc:
             raise ValueError(f"{path}:{number}: not JSON: {exc}") from None
         messages, prompt = (row.get("messages"), row.get("prompt")) if isinstance(row, dict) else (None, None)
-        has_messages, has_prompt = isinstance(messages, list) and bool(messages), isinstance(prompt, str)
-        if not has_messages and not has_prompt:
+        messages = tuple(messages) if isinstance(messages, list) and messages else None
+        prompt = prompt if isinstance(prompt, str) else None
+        if messages is None and prompt is None:
             raise ValueError(f"{path}:{number}: each line needs 'messages' (a non-empty list) or 'prompt' (a string)")
         requests.append(
             BenchRequest(
-                messages=tuple(messages) if has_messages else None,
-                prompt=prompt if has_prompt else None,
+                messages=messages,
+                prompt=prompt,
                 max_tokens=row.get("max_tokens"),
                 temperature=row.get("temperature"),
                 response_format=row.get("response_format"),

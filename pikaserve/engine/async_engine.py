@@ -11,7 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 from pikaserve.config import EngineConfig
@@ -51,7 +51,7 @@ class AsyncEngine:
         self._stopping = threading.Event()
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
-        self.engine = engine
+        self._engine = engine  # set on the loop thread when not given
         self._thread = threading.Thread(
             target=self._main, args=(config or EngineConfig(),), name="pikaserve-engine",
             daemon=True,
@@ -70,6 +70,13 @@ class AsyncEngine:
 
         warm_up(self.tokenizer)  # index the vocabulary for grammars now, on a worker thread
 
+    @property
+    def engine(self) -> LLMEngine:
+        """The LLMEngine, owned by the loop thread (loaded before the constructor returns)."""
+        if self._engine is None:
+            raise RuntimeError("the engine is not loaded yet")
+        return self._engine
+
     # --- caller side (any thread / event loop) ------------------------------------------
     async def generate(
         self,
@@ -77,7 +84,7 @@ class AsyncEngine:
         token_ids: Sequence[int],
         params: SamplingParams | PoolingParams,
         constraint: Constraint | None = None,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Yields one RequestOutput per engine step that produced something (a pooling
         request: just its finished one); aborts the request if the caller stops iterating
         early (e.g. the client disconnected)."""
@@ -135,9 +142,9 @@ class AsyncEngine:
         # The model is loaded on the thread that steps it. On CPU, torch ops run several times
         # slower on a thread other than the one whose OpenMP team did the earlier work
         # (measured: small ops 25 us -> 190 us, a decode step ~1.6x), so one thread does all.
-        if self.engine is None:
+        if self._engine is None:
             try:
-                self.engine = LLMEngine(config)
+                self._engine = LLMEngine(config)
             except BaseException as exc:  # noqa: BLE001  # re-raised in the constructor
                 self._load_error = exc
         self._loaded.set()

@@ -139,11 +139,12 @@ class CudaGraphs:
         self, size: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, TritonAttentionMetadata]:
         lengths = self._field_lengths(size)
-        parts = list(self.buffer[: sum(lengths)].split(lengths))
-        ids, positions, logits_rows, slots, *rest = parts
+        (ids, positions, logits_rows, slots, context_lens, query_starts, query_lens, qblock_seq,
+         qblock_first) = self.buffer[: sum(lengths)].split(lengths)
         meta = TritonAttentionMetadata(
-            slots, self.tables[:size], *rest, block_q=self.backend.block_q,
-            num_splits=split_count(len(rest[-1]), self.backend.num_kv_heads))
+            slots, self.tables[:size], context_lens, query_starts, query_lens, qblock_seq,
+            qblock_first, block_q=self.backend.block_q,
+            num_splits=split_count(len(qblock_first), self.backend.num_kv_heads))
         return ids, positions, logits_rows, meta
 
     def _pack(self, step: ForwardInputs, size: int, arrays: TritonBatchArrays) -> np.ndarray:

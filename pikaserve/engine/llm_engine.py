@@ -20,7 +20,7 @@ from pikaserve.engine.detokenizer import IncrementalDetokenizer
 from pikaserve.kv.kv_cache import allocate_kv_cache
 from pikaserve.engine.model_runner import ModelRunner
 from pikaserve.engine.outputs import EngineStats, RequestOutput, TokenLogprob
-from pikaserve.engine.pooling_params import PoolingParams
+from pikaserve.engine.pooling_params import PoolingParams, PoolTransform
 from pikaserve.engine.request import Request
 from pikaserve.engine.sampler import Sampler
 from pikaserve.engine.sampling_params import SamplingParams
@@ -209,7 +209,7 @@ class LLMEngine:
         for s in out.scheduled:
             if s.request.scheduled_time is None:
                 s.request.scheduled_time = now
-        drafts = [s.request.draft for s in out.scheduled if s.num_draft]
+        drafts = [s.draft for s in out.scheduled if s.draft is not None]
         vocab_rows = self._allowed_vocab(out.sampling, drafts)
         step, pooled = self.runner.execute(out, vocab_rows)
         self.scheduler.advance(out)
@@ -243,10 +243,12 @@ class LLMEngine:
     def _finish_pooling(self, reqs: list[Request]) -> list[RequestOutput]:
         """Finishes pooling requests whose prompt is now computed. Each gets its states, or
         its transform's result: one transform call per distinct transform per step."""
-        groups: dict[object, list[int]] = {}
-        for i, req in enumerate(reqs):
-            groups.setdefault(req.params.transform, []).append(i)
-        states = [r.params.span_states(torch.cat(r.pooled_states), r.num_tokens) for r in reqs]
+        params = [r.pooling for r in reqs]
+        groups: dict[PoolTransform | None, list[int]] = {}
+        for i, p in enumerate(params):
+            groups.setdefault(p.transform, []).append(i)
+        states = [p.span_states(torch.cat(r.pooled_states), r.num_tokens)
+                  for r, p in zip(reqs, params)]
         pooled: list = [None] * len(reqs)
         for transform, rows in groups.items():
             mine = [states[i] for i in rows]
@@ -310,7 +312,7 @@ class LLMEngine:
 
     def _check_stops(self, req: Request, tokens: list[int]) -> list[int]:
         """Tokens to append, cut at the first that ends the request (sets finish_reason)."""
-        p = req.params
+        p = req.sampling
         for n, t in enumerate(tokens, 1):
             if t in req.eos_token_ids or t in p.stop_token_ids:
                 req.finish_reason = "stop"

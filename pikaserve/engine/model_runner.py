@@ -10,8 +10,10 @@ import torch
 
 from pikaserve.attention.backend import AttentionBackend
 from pikaserve.attention.layout import BatchLayout
+from pikaserve.engine.constraint import Draft
 from pikaserve.engine.drafts import StepLogits
 from pikaserve.engine.forward_inputs import ForwardInputs
+from pikaserve.engine.pooling_params import PoolingParams
 from pikaserve.engine.request import Request
 from pikaserve.engine.scheduler import SchedulerOutput
 from pikaserve.model.llama import LlamaForCausalLM
@@ -50,24 +52,26 @@ class ModelRunner:
         bs = self.block_size
         ids, positions, slots, logits_rows = [], [], [], []
         sampling: list[Request] = []  # the owner of each row of logits_rows
-        draft_rows: list[tuple[Request, int]] = []
+        draft_rows: list[tuple[Request, Draft, int]] = []
         query_lens, context_lens, tables = [], [], []
         hidden_rows: list[int] = []
         pooled_counts: list[tuple[Request, int]] = []
         row = 0
         for s in out.scheduled:
-            req, n, k = s.request, s.num_new_tokens, s.num_draft
+            req, n, k, draft = s.request, s.num_new_tokens, s.num_draft, s.draft
             start = req.num_computed_tokens
             pos = np.arange(start, start + n, dtype=np.int64)
             table = np.asarray(req.block_ids, dtype=np.int64)
             tokens = req.all_token_ids[start : start + n - k]
-            ids.append(np.asarray(tokens + req.draft.token_ids if k else tokens, dtype=np.int64))
+            if draft is not None:
+                tokens = tokens + draft.token_ids
+            ids.append(np.asarray(tokens, dtype=np.int64))
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
             query_lens.append(n)
             context_lens.append(start + n)
             tables.append(table)
-            if req.is_pooling:
+            if isinstance(req.params, PoolingParams):
                 first = max(start, req.params.first_pooled(req.num_tokens))
                 if first < start + n:
                     hidden_rows.extend(range(row + first - start, row + n))
@@ -76,8 +80,8 @@ class ModelRunner:
             if s.samples and not req.is_pooling:
                 sampling.append(req)
                 logits_rows.append(row - 1 - k)
-                if k:
-                    draft_rows.append((req, row - 1))
+                if draft is not None:
+                    draft_rows.append((req, draft, row - 1))
 
         layout = BatchLayout(
             query_lens=np.asarray(query_lens, dtype=np.int64),
@@ -88,18 +92,19 @@ class ModelRunner:
             block_size=bs,
         )
         self.num_forward_passes += 1
-        layers = tuple(sorted({i for r, _ in pooled_counts for i in r.params.layers}))
+        layers = tuple(sorted({i for r, _ in pooled_counts for i in r.pooling.layers}))
         step = ForwardInputs(
             np.concatenate(ids), layout,
-            np.asarray(logits_rows + [r for _, r in draft_rows], dtype=np.int64),
+            np.asarray(logits_rows + [r for _, _, r in draft_rows], dtype=np.int64),
             None if vocab_rows is None else np.asarray(vocab_rows, dtype=np.int64),
             np.asarray(hidden_rows, dtype=np.int64) if hidden_rows else None,
             layers, out.depth,
         )
         logits, hidden = self.forward(step)
-        drafts = {req.request_id: (len(logits_rows) + i, req.draft)
-                  for i, (req, _) in enumerate(draft_rows)}
-        pooled = PooledStates(layers, hidden.cpu(), pooled_counts) if pooled_counts else None
+        drafts = {req.request_id: (len(logits_rows) + i, draft)
+                  for i, (req, draft, _) in enumerate(draft_rows)}
+        # hidden states come back exactly when the step has hidden rows (pooled_counts)
+        pooled = PooledStates(layers, hidden.cpu(), pooled_counts) if hidden is not None else None
         return StepLogits(logits, sampling, drafts), pooled
 
     def forward(self, step: ForwardInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -135,6 +140,6 @@ class PooledStates:
         column = {layer: i for i, layer in enumerate(self.layers)}
         offset = 0
         for req, n in self.counts:
-            cols = [column[layer] for layer in req.params.layers]
+            cols = [column[layer] for layer in req.pooling.layers]
             req.pooled_states.append(self.states[offset:offset + n][:, cols])
             offset += n

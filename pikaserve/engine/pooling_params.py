@@ -25,6 +25,10 @@ class SpanStates:
     split: int  # span_split relative to the span: rows [0, split) come before it
 
 
+# SpanStates of finishing requests -> one result per request (see PoolingParams.transform)
+PoolTransform = Callable[[list[SpanStates]], list[Any]]
+
+
 @dataclass(frozen=True, slots=True)
 class PoolingParams:
     # Hidden-state layers to return, in this order: 0 = the embeddings, i = the output of
@@ -33,7 +37,7 @@ class PoolingParams:
     # Applied on the engine thread to the SpanStates of all finishing requests that share it
     # (one call per step), one result per request out, which comes back as
     # RequestOutput.pooled. None: the SpanStates come back.
-    transform: Callable[[list[SpanStates]], list[Any]] | None = None
+    transform: PoolTransform | None = None
     # The states of prompt positions span_start .. end come back (T rows); None: the last
     # prompt token's only (T = 1). The prefix cache is reused only up to span_start, since
     # the span's states must be computed.

@@ -44,8 +44,9 @@ class Request:
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
-        if not self.is_pooling and self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
+        params = self.params
+        if isinstance(params, SamplingParams) and params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed)
 
     @property
     def num_tokens(self) -> int:
@@ -60,10 +61,24 @@ class Request:
         return isinstance(self.params, PoolingParams)
 
     @property
+    def sampling(self) -> SamplingParams:
+        """The params of a generating request; a pooling request has none (it never samples)."""
+        if isinstance(self.params, SamplingParams):
+            return self.params
+        raise TypeError(f"request {self.request_id} is a pooling request: it samples nothing")
+
+    @property
+    def pooling(self) -> PoolingParams:
+        """The params of a pooling request; a generating request has none."""
+        if isinstance(self.params, PoolingParams):
+            return self.params
+        raise TypeError(f"request {self.request_id} is a generating request: it pools nothing")
+
+    @property
     def num_reusable_tokens(self) -> int:
         """Leading tokens whose KV may come from the prefix cache: all but the last (a step
         must compute something), and none of a pooling span (its states are needed)."""
-        if self.is_pooling:
+        if isinstance(self.params, PoolingParams):
             return self.params.first_pooled(self.num_tokens)
         return self.num_tokens - 1
 

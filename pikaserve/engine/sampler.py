@@ -37,16 +37,17 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
         logits = logits[:, : self.vocab_size]
-        if any(r.params.has_penalties for r in requests):
+        params = [r.sampling for r in requests]
+        if any(p.has_penalties for p in params):
             logits = apply_penalties(logits, requests)
         if any(r.constraint is not None for r in requests):
             with torch.inference_mode():  # the model's logits are inference tensors: mask in place
                 apply_constraints(logits, requests)
-        want_logprobs = any(r.params.logprobs is not None for r in requests)
+        want_logprobs = any(p.logprobs is not None for p in params)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
 
         tokens = logits.argmax(dim=-1)
-        sampled_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
+        sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
         if sampled_rows:
             rows = torch.tensor(sampled_rows, device=logits.device)
             chosen = _sample(logits[rows], [requests[i] for i in sampled_rows], self.generator)
@@ -68,14 +69,15 @@ def apply_constraints(
     off the CPU).
     """
     rows = [i for i, r in enumerate(requests) if r.constraint is not None]
+    constraints = [c for r in requests if (c := r.constraint) is not None]
     if not (logits.device.type != "cpu" if batched is None else batched):
-        for i in rows:
-            requests[i].constraint.mask_logits(logits[i])
+        for i, c in zip(rows, constraints):
+            c.mask_logits(logits[i])
         return
     vocab = logits.shape[1]
     allowed = np.zeros((len(rows), -(-vocab // 8)), dtype=np.uint8)
-    for j, i in enumerate(rows):
-        requests[i].constraint.allow_bits(allowed[j])
+    for j, c in enumerate(constraints):
+        c.allow_bits(allowed[j])
     bits = torch.from_numpy(allowed).to(logits.device, non_blocking=True)
     shifts = torch.arange(8, dtype=torch.uint8, device=logits.device)
     forbidden = ((bits.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1)[:, :vocab] == 0
@@ -88,15 +90,16 @@ def _sample(
     logits: torch.Tensor, requests: list[Request], generator: torch.Generator
 ) -> torch.Tensor:
     device = logits.device
-    temps = torch.tensor([r.params.temperature for r in requests], device=device)
+    params = [r.sampling for r in requests]
+    temps = torch.tensor([p.temperature for p in params], device=device)
     logits = logits / temps.unsqueeze(1)
-    top_ks = [r.params.top_k for r in requests]
-    top_ps = [r.params.top_p for r in requests]
+    top_ks = [p.top_k for p in params]
+    top_ps = [p.top_p for p in params]
     if any(k > 0 for k in top_ks) or any(p < 1.0 for p in top_ps):
         logits = _top_k_top_p(logits, top_ks, top_ps)
     probs = torch.softmax(logits, dim=-1)
-    if any(r.params.min_p > 0 for r in requests):
-        min_ps = torch.tensor([r.params.min_p for r in requests], device=device)
+    if any(p.min_p > 0 for p in params):
+        min_ps = torch.tensor([p.min_p for p in params], device=device)
         threshold = probs.max(dim=-1, keepdim=True).values * min_ps.unsqueeze(1)
         probs = probs.masked_fill(probs < threshold, 0.0)
     # argmax(p / E) with E ~ Exp(1) draws from p; seeded rows use their own generator.
@@ -137,19 +140,19 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tens
     logits = logits.clone()
     vocab = logits.shape[1]
     for i, r in enumerate(requests):
-        p = r.params
+        p = r.sampling
         if not p.has_penalties:
             continue
         if p.repetition_penalty != 1.0:
             # bounded so that neither division nor product overflows float32
             penalty = min(max(p.repetition_penalty, 1e-6), 1e6)
-            seen = sorted(t for t in set(r.all_token_ids) if t < vocab)
-            seen = torch.tensor(seen, dtype=torch.long, device=logits.device)
+            seen_ids = sorted(t for t in set(r.all_token_ids) if t < vocab)
+            seen = torch.tensor(seen_ids, dtype=torch.long, device=logits.device)
             row = logits[i, seen]
             logits[i, seen] = torch.where(row > 0, row / penalty, row * penalty)
         if r.output_token_ids and (p.presence_penalty or p.frequency_penalty):
-            out = [t for t in r.output_token_ids if t < vocab]
-            out = torch.tensor(out, dtype=torch.long, device=logits.device)
+            out_ids = [t for t in r.output_token_ids if t < vocab]
+            out = torch.tensor(out_ids, dtype=torch.long, device=logits.device)
             counts = torch.zeros(vocab, device=logits.device).index_add_(
                 0, out, torch.ones(len(out), device=logits.device)
             )
@@ -160,7 +163,8 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tens
 def _with_logprobs(raw: torch.Tensor, tokens: torch.Tensor, requests: list[Request]) -> SampleResult:
     """Tokens, and each asking row's chosen logprob and top alternatives, read back from the
     device in one copy: ids travel as float32 (exact below 2**24) beside the logprobs."""
-    k = max(r.params.logprobs or 0 for r in requests)
+    ns = [r.sampling.logprobs for r in requests]
+    k = max(n or 0 for n in ns)
     chosen = raw.gather(1, tokens[:, None])
     top_vals, top_ids = raw.topk(k, dim=-1) if k else (raw[:, :0], raw[:, :0])
     packed = torch.cat([tokens[:, None].float(), chosen, top_vals, top_ids.float()], dim=1)
@@ -169,8 +173,7 @@ def _with_logprobs(raw: torch.Tensor, tokens: torch.Tensor, requests: list[Reque
     rows = packed.cpu().tolist()
     token_ids = [int(row[0]) for row in rows]
     logprobs: list[tuple[float, list[tuple[int, float]]] | None] = []
-    for r, row in zip(requests, rows):
-        n = r.params.logprobs
+    for n, row in zip(ns, rows):
         if n is None:
             logprobs.append(None)
             continue

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from pikaserve.engine.constraint import Draft
+from pikaserve.engine.pooling_params import PoolingParams
 from pikaserve.engine.request import Request
 from pikaserve.kv.block_pool import BlockPool, chain_hash, salt_root
 
@@ -22,7 +24,11 @@ from pikaserve.kv.block_pool import BlockPool, chain_hash, salt_root
 class ScheduledRequest:
     request: Request
     num_new_tokens: int  # including the draft's
-    num_draft: int = 0  # the request's draft tokens, computed after its known ones
+    draft: Draft | None = None  # the request's draft, computed after its known tokens
+
+    @property
+    def num_draft(self) -> int:
+        return len(self.draft.token_ids) if self.draft is not None else 0
 
     @property
     def samples(self) -> bool:
@@ -102,7 +108,8 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                (singles if n + k == 1 else chunks).append(ScheduledRequest(req, n + k, k))
+                draft = req.draft if k else None
+                (singles if n + k == 1 else chunks).append(ScheduledRequest(req, n + k, draft))
                 budget -= n + k
                 i += 1
 
@@ -167,13 +174,13 @@ class Scheduler:
         system prompt, is computed at full depth and so cached); None: all layers."""
         depth = 0
         for s in scheduled:
-            r = s.request
-            if not r.is_pooling:
+            r, p = s.request, s.request.params
+            if not isinstance(p, PoolingParams):
                 return None
-            span_block = r.params.first_pooled(r.num_tokens) // self.block_size
+            span_block = p.first_pooled(r.num_tokens) // self.block_size
             if r.num_computed_tokens < span_block * self.block_size:
                 return None
-            depth = max(depth, *r.params.layers)
+            depth = max(depth, *p.layers)
         return depth if depth < self.num_layers else None
 
     def _fit_draft(self, req: Request, n: int, budget: int) -> int:

@@ -181,7 +181,7 @@ class ClassificationHead:
     def _check(self) -> None:
         if len(self.info.recipes) != len(self.fields):
             raise ValueError(f"{len(self.info.recipes)} recipes for {len(self.fields)} fields")
-        want = {}
+        want: dict[str, tuple[int, ...]] = {}
         for f, r in zip(self.fields, self.info.recipes):
             if not r.layers or any(p not in PARTS for p in r.parts):
                 raise ValueError(f"field {f.name!r}: bad recipe {r}")

@@ -73,6 +73,9 @@ class ServedHeads:
     def __bool__(self) -> bool:
         return bool(self.heads)
 
+    def __getitem__(self, name: str) -> ClassificationHead:
+        return self.heads[name]
+
     @property
     def names(self) -> list[str]:
         return list(self.heads)

@@ -41,7 +41,7 @@ class Trial:
 def fit(info: HeadInfo, train: Split, seed: int = 0) -> ClassificationHead:
     """A head with `info.recipes`, trained on `train`."""
     gen = torch.Generator().manual_seed(seed)
-    tensors = {}
+    tensors: dict[str, torch.Tensor] = {}
     for f, recipe in zip(schema_fields(info.schema), info.recipes):
         x = select(train.parts, train.layers, recipe).flatten(1)
         tensors |= {f"{f.name}.mean": x.mean(0), f"{f.name}.std": x.std(0).clamp_min(1e-6)}

@@ -39,7 +39,8 @@ class BlockPool:
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() from the end
-        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced
+        # cached, unreferenced: block id -> its hash
+        self._evictable: OrderedDict[int, int] = OrderedDict()
         self._cached: dict[int, int] = {}  # block hash -> block id
         self.queries = 0  # prompt tokens looked up in the prefix cache
         self.hits = 0  # of which found
@@ -64,10 +65,9 @@ class BlockPool:
             if self._free:
                 block_id = self._free.pop()
             else:
-                block_id, _ = self._evictable.popitem(last=False)  # least recently freed
-                block = self.blocks[block_id]
-                del self._cached[block.block_hash]
-                block.block_hash = None
+                block_id, block_hash = self._evictable.popitem(last=False)  # least recently freed
+                del self._cached[block_hash]
+                self.blocks[block_id].block_hash = None
             self.blocks[block_id].ref_count = 1
             out.append(block_id)
         return out
@@ -81,7 +81,7 @@ class BlockPool:
                 if block.block_hash is None:
                     self._free.append(block_id)
                 else:
-                    self._evictable[block_id] = None
+                    self._evictable[block_id] = block.block_hash
 
     # --- prefix cache -------------------------------------------------------------------
     def match_prefix(self, block_hashes: Sequence[int]) -> list[int]:
@@ -113,10 +113,9 @@ class BlockPool:
 
     def reset_prefix_cache(self) -> bool:
         """Drop every unreferenced cached block; False if some cached block is still in use."""
-        for block_id in list(self._evictable):
-            block = self.blocks[block_id]
-            del self._cached[block.block_hash]
-            block.block_hash = None
+        for block_id, block_hash in self._evictable.items():
+            del self._cached[block_hash]
+            self.blocks[block_id].block_hash = None
             self._free.append(block_id)
         self._evictable.clear()
         return not self._cached

@@ -71,7 +71,7 @@ class _GGUFReader(gguf.GGUFReader):
     ndarray view of the same mapping parses in well under half that, and still reads lazily.
     """
 
-    @property
+    @property  # type: ignore[override]  # the base's memmap, as a plain ndarray
     def data(self) -> np.ndarray:
         return self._plain_data
 
@@ -272,7 +272,8 @@ def load_gguf(
             value = unpermute_rope_rows(value, heads[leaf])
         tensors[name] = value
         if keep_int4 and tensor.tensor_type in INT4_TYPES and name != _EMBEDDINGS:
-            groups = int4_groups(tensor.data, tensor.tensor_type, value.shape)
+            n, k = value.shape
+            groups = int4_groups(tensor.data, tensor.tensor_type, (n, k))
             if unpermute:
                 rows = functools.partial(unpermute_rope_rows, n_heads=heads[leaf])
                 groups = groups.map_rows(rows)
@@ -366,7 +367,10 @@ def load_gguf_tokenizer(path: str | os.PathLike) -> Any:
     try:
         from transformers.integrations.gguf import convert_gguf_tokenizer
     except ImportError:  # transformers 4.x
-        from transformers.integrations.ggml import convert_gguf_tokenizer
+        # not in the transformers 5 that mypy checks against
+        from transformers.integrations.ggml import (  # type: ignore[attr-defined, no-redef]
+            convert_gguf_tokenizer,
+        )
     from transformers import PreTrainedTokenizerFast
 
     reader = open_gguf(path)

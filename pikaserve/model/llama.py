@@ -7,7 +7,7 @@ each layer runs three matmuls fewer.
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -49,12 +49,12 @@ class Linear(nn.Module):
     def use_int8(self, max_rows: int) -> None:
         """Multiply float32 inputs of at most `max_rows` rows by an int8 copy of the weight
         (model/int8_weights.py)."""
-        self.int8, self.int8_max_rows = Int8Weight(self.weight), max_rows
+        self.int8, self.int8_max_rows = Int8Weight(self.plain_weight), max_rows
 
     def reorder_for_onednn(self, keep_plain: bool) -> None:
         """Use a oneDNN-layout copy of the weight (model/onednn_weights.py) where available;
         without `keep_plain` the plain copy is released once it is not needed."""
-        self.reordered = onednn_weights.reorder(self.weight)
+        self.reordered = onednn_weights.reorder(self.plain_weight)
         if self.reordered is not None and not keep_plain:
             self.weight = None
 
@@ -67,7 +67,14 @@ class Linear(nn.Module):
             return y if self.bias is None else y + self.bias
         if self.reordered is not None:
             return onednn_weights.linear(x, self.reordered, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.plain_weight, self.bias)
+
+    @property
+    def plain_weight(self) -> torch.Tensor:
+        """The weight in its plain layout; gone once reorder_for_onednn released it."""
+        if self.weight is None:
+            raise RuntimeError("the plain weight was released for its oneDNN copy")
+        return self.weight
 
 
 class Embedding(nn.Module):
@@ -168,9 +175,11 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         factory = {"dtype": dtype, "device": device}
-        kernels = None
+        kernels: ModuleType | None = None
         if backend.uses_fused_kernels:
-            from pikaserve.kernels import fused as kernels
+            from pikaserve.kernels import fused
+
+            kernels = fused
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, factory)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, factory, backend, kernels) for _ in range(cfg.num_layers))
@@ -196,18 +205,21 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         pending: torch.Tensor | None = None  # the residual stream is x + pending
         cos_sin = self.rope(positions)
-        hidden = [] if hidden_rows is not None else None
+        hidden: list[torch.Tensor] = []  # with hidden_rows: at each of hidden_layers
         for i, (layer, kv) in enumerate(zip(self.layers, kv_caches[:depth])):
-            if hidden is not None and i in hidden_layers:
+            if hidden_rows is not None and i in hidden_layers:
                 hidden.append(_rows(x, pending, hidden_rows).float())
             x, pending = layer(x, pending, cos_sin, kv, meta)
         num_run = len(self.layers) if depth is None else depth
-        if hidden is not None and num_run in hidden_layers:
+        if hidden_rows is not None and num_run in hidden_layers:
             hidden.append(_rows(x, pending, hidden_rows).float())
-        features = torch.stack(hidden, dim=1) if hidden is not None else None
+        features = torch.stack(hidden, dim=1) if hidden_rows is not None else None
         if depth is not None:
             return x.new_empty((0, self.cfg.vocab_size), dtype=torch.float32), features
-        _, normed = self.norm.add_forward(x[logits_indices], pending[logits_indices])
+        if pending is None:  # no layer ran: the residual stream is x
+            normed = self.norm(x[logits_indices])
+        else:
+            _, normed = self.norm.add_forward(x[logits_indices], pending[logits_indices])
         return self._logits(normed, vocab_rows), features
 
     def _logits(self, x: torch.Tensor, vocab_rows: torch.Tensor | None) -> torch.Tensor:
@@ -216,7 +228,7 @@ class LlamaForCausalLM(nn.Module):
         if vocab_rows is None:
             return self.lm_head(x).float()
         logits = torch.full((x.shape[0], self.cfg.vocab_size), float("-inf"), device=x.device)
-        part = F.linear(x, self.lm_head.weight.index_select(0, vocab_rows))
+        part = F.linear(x, self.lm_head.plain_weight.index_select(0, vocab_rows))
         return logits.index_copy_(1, vocab_rows, part.float())
 
     def load_hf_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -251,10 +263,15 @@ class LlamaForCausalLM(nn.Module):
                 take(p + "post_attention_layernorm.weight")
             )
 
+    @property
+    def decoder_layers(self) -> list[DecoderLayer]:
+        """`layers`, typed (an nn.ModuleList yields plain Modules)."""
+        return cast(list[DecoderLayer], list(self.layers))
+
     def use_int4(self, int4: dict[str, Int4Groups], max_rows: int) -> None:
         """Give every linear layer whose weights are all in `int4` (HF names) a packed 4-bit
         copy, used for passes of at most `max_rows` rows."""
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.decoder_layers):
             attn, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
             linears = [
                 (layer.qkv_proj, [attn + "q_proj", attn + "k_proj", attn + "v_proj"]),
@@ -263,8 +280,8 @@ class LlamaForCausalLM(nn.Module):
                 (layer.down_proj, [mlp + "down_proj"]),
             ]
             for linear, names in linears:
-                weights = [int4.get(n + ".weight") for n in names]
-                if None not in weights and can_pack(linear.shape):
+                weights = [int4[n + ".weight"] for n in names if n + ".weight" in int4]
+                if len(weights) == len(names) and can_pack(linear.shape):
                     linear.use_int4(Int4Groups.cat(weights), max_rows)
         if "lm_head.weight" in int4 and can_pack(self.lm_head.shape):
             self.lm_head.use_int4(int4["lm_head.weight"], max_rows)
@@ -278,7 +295,7 @@ class LlamaForCausalLM(nn.Module):
         """CPU + float32: every matmul, LM head included, gets an int8 copy of its weight for
         passes of at most `max_rows` rows (model/int8_weights.py). Before reorder_for_onednn,
         which may drop the plain weights."""
-        for layer in self.layers:
+        for layer in self.decoder_layers:
             for linear in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
                 linear.use_int8(max_rows)
         self.lm_head.use_int8(max_rows)
@@ -290,7 +307,7 @@ class LlamaForCausalLM(nn.Module):
     def reorder_for_onednn(self) -> None:
         """CPU: reorder every matmul weight once (model/onednn_weights.py). The LM head keeps
         its plain weight: it may be the embedding table, and grammar-held steps take rows of it."""
-        for layer in self.layers:
+        for layer in self.decoder_layers:
             for linear in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
                 linear.reorder_for_onednn(keep_plain=False)
         self.lm_head.reorder_for_onednn(keep_plain=True)

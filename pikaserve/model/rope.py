@@ -37,6 +37,9 @@ def _llama3_scale(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
 class RotaryEmbedding(torch.nn.Module):
     """Precomputed cos/sin tables indexed by absolute position."""
 
+    cos: torch.Tensor  # buffers, registered in __init__
+    sin: torch.Tensor
+
     def __init__(self, config: ModelConfig, max_positions: int, dtype: torch.dtype) -> None:
         super().__init__()
         # float32 like the Hugging Face reference, so positions rotate bit-for-bit alike

@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -32,7 +32,7 @@ from pikaserve.errors import InvalidRequestError
 from pikaserve.heads.served import ServedHeads
 from pikaserve.server import openai_format as fmt
 from pikaserve.server import pooling_routes, routes
-from pikaserve.server.asgi import ClientGone, HTTPError, error_response
+from pikaserve.server.asgi import ClientGone, HTTPError, SSEResponse, error_response
 from pikaserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from pikaserve.server.openapi import Endpoint, docs_page, openapi_spec
 from pikaserve.server.protocol import (
@@ -55,6 +55,7 @@ from pikaserve.server.protocol import (
 from pikaserve.server.prompts import PromptEncoder
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _NOT_READY = {
     "starting": "the server is starting: the model is loading",
@@ -74,12 +75,30 @@ class ServerState:
     metrics: ServerMetrics
     default_response_format: dict[str, Any] | None = None
     heads: ServedHeads = field(default_factory=lambda: ServedHeads({}))
-    engine: AsyncEngine | None = None
     phase: str = "starting"  # starting | ready | stopping | failed
-    texts: fmt.TokenTexts | None = None
     loop: asyncio.AbstractEventLoop | None = None  # the server's, once it runs
-    prompts: PromptEncoder | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+    # Set by ready(); the gate answers 503 until then, so the routes read them through the
+    # properties below, never unset.
+    _engine: AsyncEngine | None = None
+    _texts: fmt.TokenTexts | None = None
+    _prompts: PromptEncoder | None = None
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return _loaded(self._engine)
+
+    @engine.setter
+    def engine(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    @property
+    def texts(self) -> fmt.TokenTexts:
+        return _loaded(self._texts)
+
+    @property
+    def prompts(self) -> PromptEncoder:
+        return _loaded(self._prompts)
 
     @property
     def model_name(self) -> str:
@@ -117,23 +136,31 @@ class ServerState:
         stream with an error event and [DONE], a plain request with 503) rather than cut."""
         if self.phase in ("starting", "ready"):
             self.phase = "stopping"
-        if self.loop is not None and self.engine is not None:
+        if self.loop is not None and self._engine is not None:
             delay = max(0.0, self.config.graceful_shutdown_timeout - DRAIN_MARGIN)
-            self.loop.call_soon_threadsafe(self.loop.call_later, delay, self.engine.end_all,
+            self.loop.call_soon_threadsafe(self.loop.call_later, delay, self._engine.end_all,
                                            "the server is shutting down, and the request did "
                                            "not finish within --graceful-shutdown-timeout")
 
     def ready(self, engine: AsyncEngine) -> None:
-        self.engine = engine
-        self.texts = fmt.TokenTexts(engine.tokenizer)
-        self.prompts = PromptEncoder(engine.tokenizer, engine.max_model_len)
+        self._engine = engine
+        self._texts = fmt.TokenTexts(engine.tokenizer)
+        self._prompts = PromptEncoder(engine.tokenizer, engine.max_model_len)
         self.phase = "ready"
 
 
-def api(handler: Callable[[Request, ServerState], Awaitable[Response]]):
+def _loaded(value: T | None) -> T:
+    """`value`, set once the engine is loaded (ServerState.ready)."""
+    if value is None:
+        raise RuntimeError("the engine is not loaded yet (the server is not ready)")
+    return value
+
+
+def api(handler: Callable[[Request, ServerState], Awaitable[Response | SSEResponse]]
+        ) -> Callable[[Request], Awaitable[Response | SSEResponse]]:
     """Wraps a route: state lookup, and every failure as an OpenAI error envelope."""
 
-    async def endpoint(request: Request) -> Response:
+    async def endpoint(request: Request) -> Response | SSEResponse:
         state: ServerState = request.app.state.pika
         try:
             return await handler(request, state)
@@ -187,7 +214,7 @@ def create_app(
     default_response_format: dict[str, Any] | None = None,
     on_load_failure: Callable[[BaseException], None] | None = None,
     heads: ServedHeads | None = None,
-) -> ASGIApp:
+) -> Gate:
     """The ASGI app. Given `engine`, it serves it (and leaves shutting it down to the caller);
     otherwise it loads one from `engine_config` in the background and owns it. `heads` must
     have been trained on the model: checked when it is ready, failing the start otherwise."""
@@ -237,8 +264,9 @@ def create_app(
             elif holder["engine"] is not None:
                 await asyncio.to_thread(holder["engine"].shutdown)
 
-    async def not_found(request: Request, exc: HTTPException) -> Response:
-        return error_response(exc.status_code, str(exc.detail))  # the path is not echoed
+    async def not_found(request: Request, exc: Exception) -> Response:
+        http_exc = cast(HTTPException, exc)  # registered for 404 and 405 only
+        return error_response(http_exc.status_code, str(http_exc.detail))  # path not echoed
 
     async def internal(request: Request, exc: Exception) -> Response:
         logger.exception("unhandled error on %s", request.url.path)

@@ -24,6 +24,7 @@ from pikaserve.server.connections import uvicorn_config
 
 if TYPE_CHECKING:
     from pikaserve.heads.served import ServedHeads
+    from pikaserve.server.app import ServerState
 
 logger = logging.getLogger(__name__)
 
@@ -305,7 +306,7 @@ class _Server(uvicorn.Server):
     """uvicorn, plus: new requests get 503 once shutdown starts, and a signal that triggered
     a clean shutdown is not re-raised afterwards (so the exit status stays 0)."""
 
-    def __init__(self, config: uvicorn.Config, state: Any) -> None:
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
         super().__init__(config)
         self.pika_state = state
 

@@ -12,6 +12,7 @@ The body has its own deadline, in asgi.read_json.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import resource
@@ -59,8 +60,9 @@ class GuardedH11Protocol(H11Protocol):
     max_connections = 1024
     head_timeout = 10.0
     refusals = _Refusals()
+    _head_timer: asyncio.TimerHandle | None
 
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+    def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         self._head_timer = None
         if len(self.connections) > self.max_connections:

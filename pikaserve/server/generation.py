@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
 from pikaserve.engine.async_engine import AsyncEngine, EngineDeadError
 from pikaserve.engine.outputs import RequestOutput
@@ -47,7 +47,7 @@ class Generation:
         self.arrival = arrival
         self.choices = [fmt.Choice(i) for i in range(len(work))]
         self._last = [0.0] * len(work)
-        self._gens: list[AsyncIterator[RequestOutput]] = []
+        self._gens: list[AsyncGenerator[RequestOutput, None]] = []
         self._tasks: list[asyncio.Task] = []
         self._it = self._outputs()
         self._first: Item | None = None
@@ -85,7 +85,7 @@ class Generation:
     def _engine_id(self, i: int) -> str:
         return self.request_id if len(self.work) == 1 else f"{self.request_id}-{i}"
 
-    async def _outputs(self) -> AsyncIterator[Item]:
+    async def _outputs(self) -> AsyncGenerator[Item, None]:
         gens = [
             self.engine.generate(self._engine_id(i), ids, params)
             for i, (ids, params) in enumerate(self.work)

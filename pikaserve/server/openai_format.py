@@ -8,16 +8,21 @@ carrying finish_reason, then an optional usage chunk with no choices).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from pikaserve.engine.outputs import TokenLogprob
 from pikaserve.server.protocol import (
+    ChatChoice,
     ChatCompletion,
     ChatLogprobs,
+    ChatTokenLogprob,
     Completion,
+    CompletionChoice,
     CompletionLogprobs,
     ErrorResponse,
+    TopLogprob,
     Usage,
 )
 
@@ -42,7 +47,7 @@ def error_body(status: int, message: str, param: str | None = None,
                       "code": code or default_code}}
 
 
-def sse(obj: dict[str, Any]) -> bytes:
+def sse(obj: Mapping[str, object]) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
 
@@ -95,15 +100,14 @@ def usage_of(choices: list[Choice], num_choices_per_prompt: int) -> Usage:
 
 # --- logprobs ------------------------------------------------------------------------------
 def chat_logprobs(items: list[TokenLogprob], texts: TokenTexts, top_n: int) -> ChatLogprobs:
-    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+    def entry(token_id: int, logprob: float) -> TopLogprob:
         t = texts(token_id)
         return {"token": t, "logprob": logprob, "bytes": list(t.encode())}
 
-    content = []
+    content: list[ChatTokenLogprob] = []
     for lp in items:
-        e = entry(lp.token_id, lp.logprob)
-        e["top_logprobs"] = [entry(t, v) for t, v in lp.top[:top_n]]
-        content.append(e)
+        content.append({**entry(lp.token_id, lp.logprob),
+                        "top_logprobs": [entry(t, v) for t, v in lp.top[:top_n]]})
     return {"content": content, "refusal": None}
 
 
@@ -124,7 +128,7 @@ def completion_logprobs(items: list[TokenLogprob], texts: TokenTexts,
 # --- chat ----------------------------------------------------------------------------------
 def chat_response(rid: str, created: int, model: str, choices: list[Choice],
                   texts: TokenTexts, top_n: int | None) -> ChatCompletion:
-    out = []
+    out: list[ChatChoice] = []
     for c in choices:
         out.append({
             "index": c.index,
@@ -185,7 +189,7 @@ class ChatChunks(_Chunks):
 # --- text completions ----------------------------------------------------------------------
 def completion_response(rid: str, created: int, model: str, choices: list[Choice],
                         texts: TokenTexts, want_logprobs: bool, n: int) -> Completion:
-    out = []
+    out: list[CompletionChoice] = []
     for c in choices:
         out.append({
             "index": c.index,

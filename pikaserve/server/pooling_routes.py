@@ -38,10 +38,14 @@ from pikaserve.server.asgi import (
 from pikaserve.server.generation import error_status, sse_body
 from pikaserve.server.protocol import (
     ChatCompletionRequest,
+    ClassifyItem,
     ClassifyRequest,
     ClassifyResponse,
+    Embedding,
     EmbeddingRequest,
     EmbeddingResponse,
+    FieldAnswer,
+    Usage,
 )
 from pikaserve.server.sampling import chat_messages
 
@@ -88,7 +92,7 @@ def _head_for(state: ServerState, model: str | None) -> tuple[str, Classificatio
                         "--head NAME=DIR (or --head pika)", "model")
     state.check_model(model, heads.names)
     name = model if model in heads.names else heads.names[0]
-    return name, heads.get(name)
+    return name, heads[name]
 
 
 async def classify(request: Request, state: ServerState) -> Response:
@@ -111,10 +115,10 @@ async def classify(request: Request, state: ServerState) -> Response:
     rid = request_id("classify")
     outs = await pool(request, state, rid, [await _head_work(state, head, c) for c in chats])
     seconds = time.perf_counter() - arrival
-    data = []
+    data: list[ClassifyItem] = []
     for i, out in enumerate(outs):
         state.metrics.head_answer(name, seconds, out.num_prompt_tokens)
-        fields = {}
+        fields: dict[str, FieldAnswer] = {}
         for f, probs in zip(head.fields, out.pooled.probs()):
             best = max(range(len(probs)), key=probs.__getitem__)
             fields[f.name] = {"label": f.labels[best], "probs": probs,
@@ -132,7 +136,7 @@ async def _head_work(state: ServerState, head: ClassificationHead, messages: lis
     return ids, PoolingParams(head.layers, head, start, split, cache_salt)
 
 
-def _usage(outs: list[RequestOutput]) -> dict:
+def _usage(outs: list[RequestOutput]) -> Usage:
     n_prompt = sum(o.num_prompt_tokens for o in outs)
     return {"prompt_tokens": n_prompt, "total_tokens": n_prompt, "completion_tokens": 0,
             "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outs)}}
@@ -166,11 +170,11 @@ def pick_labels(answer: HeadAnswer, params: SamplingParams) -> list[int]:
 
 async def chat_by_head(request: Request, state: ServerState, req: ChatCompletionRequest,
                        name: str, messages: list[dict], params: list[SamplingParams],
-                       arrival: float) -> Response:
+                       arrival: float) -> Response | SSEResponse:
     """A chat completion whose message is the head's answer, as compact JSON in schema order,
     from one pass over the prompt's uncached tokens. Each of the n choices draws its own labels
     from the same probabilities."""
-    head = state.heads.get(name)
+    head = state.heads[name]  # chat_head's answer: a served head's name
     rid = request_id("chatcmpl")
     out = (await pool(request, state, rid, [await _head_work(state, head, messages,
                                                             params[0].cache_salt)]))[0]
@@ -230,8 +234,9 @@ async def embeddings(request: Request, state: ServerState) -> Response:
                                   "dimensions")
     rid = request_id("embd")
     outs = await pool(request, state, rid, [(p, PoolingParams(layers, embed, 0)) for p in prompts])
-    data = [{"object": "embedding", "index": i,
-             "embedding": _encode(o.pooled, req.encoding_format)} for i, o in enumerate(outs)]
+    data: list[Embedding] = [{"object": "embedding", "index": i,
+                              "embedding": _encode(o.pooled, req.encoding_format)}
+                             for i, o in enumerate(outs)]
     n_prompt = sum(o.num_prompt_tokens for o in outs)
     body: EmbeddingResponse = {"object": "list", "data": data, "model": state.model_name,
                                "usage": {"prompt_tokens": n_prompt, "total_tokens": n_prompt}}

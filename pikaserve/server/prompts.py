@@ -11,7 +11,7 @@ cost more than it saves.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from pikaserve.errors import InvalidRequestError
@@ -46,7 +46,7 @@ class PromptEncoder:
         return await self.run(lambda: self.tokenizer.encode_chat(
             messages, add_generation_prompt, add_special_tokens), chars)
 
-    async def prompts(self, prompt: str | Sequence, param: str,
+    async def prompts(self, prompt: str | list[str] | list[int] | list[list[int]], param: str,
                       add_special_tokens: bool = True) -> list[list[int]]:
         """A completion-style prompt (a text, texts, token ids, or lists of them) as one
         token-id list per prompt."""

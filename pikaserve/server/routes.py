@@ -40,6 +40,7 @@ from pikaserve.server.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
+    ModelCard,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
@@ -53,7 +54,7 @@ logger = logging.getLogger("pikaserve.requests")
 
 
 async def _run(request: Request, gen: Generation, stream: bool, sse_body,
-               build) -> Response:
+               build) -> Response | SSEResponse:
     """Shared tail of both completion routes: start, then stream or collect."""
     handed_off = False
     try:
@@ -83,7 +84,7 @@ def _log(state: ServerState, rid: str, n_prompt: int, params: list[SamplingParam
                     f" user={user!r}" if user else "")
 
 
-async def chat_completions(request: Request, state: ServerState) -> Response:
+async def chat_completions(request: Request, state: ServerState) -> Response | SSEResponse:
     arrival = time.perf_counter()
     req: ChatCompletionRequest = await read_json(
         request, ChatCompletionRequest, state.config)
@@ -110,7 +111,7 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
     )
 
 
-async def completions(request: Request, state: ServerState) -> Response:
+async def completions(request: Request, state: ServerState) -> Response | SSEResponse:
     arrival = time.perf_counter()
     req: CompletionRequest = await read_json(
         request, CompletionRequest, state.config)
@@ -139,7 +140,7 @@ async def completions(request: Request, state: ServerState) -> Response:
 async def models(request: Request, state: ServerState) -> Response:
     # root: the served name, not the model's path on disk (no client needs to know where
     # the operator keeps it)
-    data = [{
+    data: list[ModelCard] = [{
         "id": name, "object": "model", "created": state.created, "owned_by": "pikaserve",
         "root": state.model_name, "parent": None, "max_model_len": state.engine.max_model_len,
     } for name in state.served_names]
@@ -151,14 +152,14 @@ async def tokenize(request: Request, state: ServerState) -> Response:
     req: TokenizeRequest = await read_json(
         request, TokenizeRequest, state.config)
     state.check_model(req.model)
-    if (req.prompt is None) == (req.messages is None):
-        raise InvalidRequestError("give exactly one of prompt or messages", "prompt")
-    if req.messages is not None:
+    if req.messages is not None and req.prompt is None:
         ids = await state.prompts.chat(chat_messages(req.messages), req.add_generation_prompt,
                                        bool(req.add_special_tokens))
-    else:
+    elif req.prompt is not None and req.messages is None:
         add = True if req.add_special_tokens is None else req.add_special_tokens
         ids = (await state.prompts.prompts(req.prompt, "prompt", add))[0]
+    else:
+        raise InvalidRequestError("give exactly one of prompt or messages", "prompt")
     body: TokenizeResponse = {"count": len(ids), "max_model_len": state.engine.max_model_len,
             "tokens": ids, "token_strs": [state.texts(t) for t in ids]
             if req.return_token_strs else None}

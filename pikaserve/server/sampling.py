@@ -71,14 +71,14 @@ def structured_outputs(
             json=so.json_, json_object=bool(so.json_object), regex=so.regex, choice=so.choice,
             grammar=so.grammar,
         )))
-    guided = {
-        "guided_json": req.guided_json, "guided_regex": req.guided_regex,
-        "guided_choice": req.guided_choice, "guided_grammar": req.guided_grammar,
-    }
-    for name, value in guided.items():
-        if value is not None:
-            key = name.removeprefix("guided_")
-            found.append((name, StructuredOutputsParams(**{key: value})))
+    if req.guided_json is not None:
+        found.append(("guided_json", StructuredOutputsParams(json=req.guided_json)))
+    if req.guided_regex is not None:
+        found.append(("guided_regex", StructuredOutputsParams(regex=req.guided_regex)))
+    if req.guided_choice is not None:
+        found.append(("guided_choice", StructuredOutputsParams(choice=req.guided_choice)))
+    if req.guided_grammar is not None:
+        found.append(("guided_grammar", StructuredOutputsParams(grammar=req.guided_grammar)))
     if len(found) > 1:
         names = ", ".join(name for name, _ in found)
         raise InvalidRequestError(f"give one output constraint, not several ({names})", found[1][0])
@@ -173,22 +173,8 @@ def sampling_params(
         so = structured_outputs(req)
     if max_tokens is not None and max_tokens < 1:
         raise InvalidRequestError(f"{param} must be at least 1, got {max_tokens}", param)
-    base = dict(
-        max_tokens=max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=0 if req.top_k is None else req.top_k,  # the engine treats k >= vocab as off
-        min_p=0.0 if req.min_p is None else req.min_p,
-        stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
-        stop_token_ids=list(req.stop_token_ids or []),
-        ignore_eos=req.ignore_eos,
-        logprobs=logprobs,
-        presence_penalty=req.presence_penalty or 0.0,
-        frequency_penalty=req.frequency_penalty or 0.0,
-        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-        include_stop_str_in_output=req.include_stop_str_in_output,
-        cache_salt=req.cache_salt,
-    )
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    stop_token_ids = list(req.stop_token_ids or [])
     out = []
     for i in range(req.n):
         seed = None
@@ -201,5 +187,23 @@ def sampling_params(
             json=so.json, json_object=so.json_object, regex=so.regex,
             choice=None if so.choice is None else list(so.choice), grammar=so.grammar,
         )
-        out.append(SamplingParams(seed=seed, structured_outputs=so_i, **base))
+        out.append(SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=0 if req.top_k is None else req.top_k,  # the engine treats k >= vocab as off
+            min_p=0.0 if req.min_p is None else req.min_p,
+            seed=seed,
+            stop=stop,  # one list for all the choices: the engine only reads it
+            stop_token_ids=stop_token_ids,
+            ignore_eos=req.ignore_eos,
+            logprobs=logprobs,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=(1.0 if req.repetition_penalty is None
+                                else req.repetition_penalty),
+            include_stop_str_in_output=req.include_stop_str_in_output,
+            structured_outputs=so_i,
+            cache_salt=req.cache_salt,
+        ))
     return out

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from llguidance import LLMatcher
 from llguidance.gbnf_to_lark import any_to_lark
@@ -32,10 +32,13 @@ from pikaserve.errors import InvalidRequestError
 from pikaserve.structured.matcher import ExploreCache, GrammarMatcher
 from pikaserve.structured.tokenizer_info import TokenizerInfo
 
+if TYPE_CHECKING:  # a type of llguidance's stubs only
+    from llguidance._lib import JsonCompileOptions
+
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-JSON_DEFAULTS = {"whitespace_flexible": False}
+JSON_DEFAULTS: JsonCompileOptions = {"whitespace_flexible": False}
 CACHE_SIZE = 256
 
 

@@ -67,16 +67,17 @@ class _Mask:
                 a[ids] = keep
                 return
             t = self._tensor(ids, row.device)
-            keep = row.index_select(0, t)
+            kept = row.index_select(0, t)
             row.fill_(NEG_INF)
-            row.index_copy_(0, t, keep)
+            row.index_copy_(0, t, kept)
             return
-        m = min(n, len(self.forbidden))
+        forbidden = self._forbidden_bits
+        m = min(n, len(forbidden))
         if _numpy_ok(row):
             a = row.numpy()
-            a[:m][self.forbidden[:m]] = NEG_INF
+            a[:m][forbidden[:m]] = NEG_INF
         else:
-            row[:m].masked_fill_(self._tensor(self.forbidden[:m], row.device), NEG_INF)
+            row[:m].masked_fill_(self._tensor(forbidden[:m], row.device), NEG_INF)
         if n > m:  # model rows past the tokenizer's vocabulary (padding)
             row[m:] = NEG_INF
 
@@ -87,8 +88,15 @@ class _Mask:
             ids = self.ids[self.ids < row.shape[0] * 8]
             np.bitwise_or.at(row, ids >> 3, (1 << (ids & 7)).astype(np.uint8))
             return
-        packed = np.packbits(~self.forbidden, bitorder="little")
+        packed = np.packbits(~self._forbidden_bits, bitorder="little")
         row[: len(packed)] |= packed[: row.shape[0]]
+
+    @property
+    def _forbidden_bits(self) -> np.ndarray:
+        """`forbidden`, for a mask built without `ids`."""
+        if self.forbidden is None:
+            raise ValueError("a mask needs ids or forbidden")
+        return self.forbidden
 
     def _tensor(self, a: np.ndarray, device: torch.device) -> torch.Tensor:
         if self._on is None or self._on[0] != device or self._on[1].shape[0] != len(a):
