@@ -1,16 +1,16 @@
 """How right Pika's answers are, on turns the head never saw: the head's recipe vs the grammar
 path vs the majority guess, on the default model.
 
-The 920 labelled turns (pikaserve/data/pika/train.jsonl + dev.jsonl) were written by four
-writers (field `writer`, A-D), each with its own topics and style. Leave one writer out: for
-each writer, the shipped head's recipes (pikaserve/data/heads/pika/head.json) are fit on the
-other three writers' turns and scored on the held-out writer's, so every figure is on turns
-written by someone the head never learned from. (The recipes themselves were chosen on writer
-C, the dev split, so writer C's fold is slightly optimistic.)
+The labelled turns (pikaserve/data/pika/train.jsonl + dev.jsonl) were written by several
+writers (field `writer`), each with its own topics and style. Leave one writer out: for each
+writer, the shipped head's recipes (pikaserve/data/heads/pika/head.json) are fit on the other
+writers' turns and scored on the held-out writer's, so every figure is on turns written by
+someone the head never learned from. (The recipes were chosen on writer C, the dev split, when
+only writers A-D existed: C's fold is slightly optimistic; E-H's folds are not at all.)
 - head: features from the same engine passes the server runs (pooling requests, prefix cache on);
 - grammar: the model itself writes the answer under the answer schema, temperature 0, as
   `pikaserve serve --default-response-format answer.schema.json` answers the seed request;
-- majority: always the most frequent label of the three training writers.
+- majority: always the most frequent label of the training writers.
 
 Reported per writer and on average: emotion exact-label accuracy, emotion family accuracy (the
 label without its _2/_3 suffix) and learn_score accuracy. Writes
@@ -132,7 +132,7 @@ def main() -> None:
         "dtype": str(llm.engine.dtype).removeprefix("torch."),
         "head": {"recipes": [dataclasses.asdict(r) for r in head.info.recipes],
                  "training": head.info.training},
-        "protocol": "leave one writer out: fit on three writers, score on the fourth",
+        "protocol": "leave one writer out: fit on the other writers, score on the held-out one",
         "examples": len(messages),
         "mean_over_writers": {m: mean([per_writer[w][m] for w in per_writer])
                               for m in ("head", "grammar", "majority")},

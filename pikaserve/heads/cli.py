@@ -1,5 +1,5 @@
 """`pikaserve heads train`: a head for a model from labelled JSONL, its recipe chosen on a dev
-split, saved as head.json + head.safetensors."""
+split (or taken from an earlier head), saved as head.json + head.safetensors."""
 
 from __future__ import annotations
 
@@ -54,6 +54,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     t.add_argument("--class-weighting", action=argparse.BooleanOptionalAction, default=None,
                    help="fix whether classes are weighted by inverse frequency (default: "
                    "searched)")
+    t.add_argument("--recipes-from", default=None, metavar="DIR", help="no search: train "
+                   "with the recipes of the head in DIR (same field names), e.g. to retrain "
+                   "it on more data; only their layers are extracted")
     t.add_argument("--dtype", default="auto", help="the model's dtype for the features "
                    "(auto, as the server would run it)")
     t.add_argument("--seed", type=int, default=0, help="seed of the dev split and the "
@@ -64,12 +67,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run_train(args: argparse.Namespace) -> int:
     from pikaserve.heads.data import DataError
+    from pikaserve.heads.head import HeadLoadError
     from pikaserve.heads.schema import HeadSchemaError
     from pikaserve.model.checkpoint import ModelLoadError
 
     try:
         head, trials = train(args)
-    except (ConfigError, DataError, HeadSchemaError, ModelLoadError, OSError) as exc:
+    except (ConfigError, DataError, HeadLoadError, HeadSchemaError, ModelLoadError,
+            OSError) as exc:
         print(f"pikaserve heads train: error: {exc}", file=sys.stderr)
         return 2
     out = head.save(args.out)
@@ -86,10 +91,11 @@ def train(args: argparse.Namespace):
     from pikaserve.heads.fingerprint import tokenizer_fingerprint, weights_fingerprint
     from pikaserve.heads.head import HeadInfo, Recipe, span_prompt
     from pikaserve.heads.schema import schema_fields
-    from pikaserve.heads.train import fit, joined, search, split_of
+    from pikaserve.heads.train import Trial, accuracy, fit, joined, search, split_of
 
     schema = read_schema(args.schema)
     fields = schema_fields(schema)
+    recipes = _recipes_from(args, [f.name for f in fields]) if args.recipes_from else None
     system = Path(args.system_prompt).read_text(encoding="utf-8") if args.system_prompt else None
     data = load_labelled(args.data, fields, system)
     dev, dev_rows, train_rows = None, None, None
@@ -105,6 +111,10 @@ def train(args: argparse.Namespace):
 
     engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, seed=args.seed))
     layers = tuple(range(engine.model_config.num_layers + 1))
+    if recipes is not None:  # only the layers the recipes read
+        layers = tuple(sorted({i for r in recipes for i in r.layers}))
+        if layers[-1] > engine.model_config.num_layers:
+            raise ConfigError(f"--recipes-from: layer {layers[-1]} is not in this model")
     if args.max_layer is not None and not 1 <= args.max_layer <= layers[-1]:
         raise ConfigError(f"--max-layer must be in [1, {layers[-1]}]")
     started = time.perf_counter()
@@ -127,10 +137,15 @@ def train(args: argparse.Namespace):
         tokenizer_fingerprint=tokenizer_fingerprint(tok),
         hidden_size=engine.model_config.hidden_size, model_name=engine.model_path.name,
     )
-    trials = search(info, train_split, dev_split, _fixed(args),
-                    log=lambda name, t: logger.info("%s: %s -> dev %.3f", name,
-                                                    t.recipe.describe(), t.dev_accuracy),
-                    max_layer=args.max_layer)
+    if recipes is None:
+        trials = search(info, train_split, dev_split, _fixed(args),
+                        log=lambda name, t: logger.info("%s: %s -> dev %.3f", name,
+                                                        t.recipe.describe(), t.dev_accuracy),
+                        max_layer=args.max_layer)
+    else:
+        given = dataclasses.replace(info, recipes=recipes)
+        dev_acc = accuracy(fit(given, train_split, args.seed), dev_split)
+        trials = [[Trial(r, a)] for r, a in zip(recipes, dev_acc)]
     info = dataclasses.replace(info, recipes=[t[-1].recipe for t in trials], training={
         "train_examples": len(train_split.labels[0]), "dev_examples": len(dev_split.labels[0]),
         "dev_accuracy": {f.name: t[-1].dev_accuracy for f, t in zip(fields, trials)},
@@ -153,6 +168,22 @@ def read_schema(path: str) -> dict:
     if isinstance(obj, dict) and obj.get("type") == "json_schema":
         obj = (obj.get("json_schema") or {}).get("schema")
     return obj
+
+
+def _recipes_from(args: argparse.Namespace, names: list[str]) -> list:
+    """The recipes of the head in --recipes-from, which must answer fields of these names."""
+    from pikaserve.heads.head import ClassificationHead
+
+    if _fixed(args) or args.max_layer is not None:
+        raise ConfigError("--recipes-from takes the whole recipe: give it without --layers, "
+                          "--max-layer, --pooling, --hidden-units, --weight-decay or "
+                          "--class-weighting")
+    head = ClassificationHead.load(args.recipes_from)
+    have = [f.name for f in head.fields]
+    if have != names:
+        raise ConfigError(f"--recipes-from {args.recipes_from}: its head answers the fields "
+                          f"{have}, the schema has {names}")
+    return list(head.info.recipes)
 
 
 def _fixed(args: argparse.Namespace) -> dict:

@@ -93,3 +93,34 @@ def test_max_layer_bounds_the_search(head_files, tmp_path):
             "--max-layer", "1", "--out", str(out), "--dtype", "float32"]
     assert main(argv) == 0
     assert max(ClassificationHead.load(out).layers) <= 1
+
+
+def test_recipes_from_an_earlier_head_retrains_without_a_search(head_files, tmp_path, capsys):
+    from pikaserve.cli import main
+    from .conftest import synthetic_rows, write_jsonl
+
+    model, d, first = head_files
+    more = write_jsonl(tmp_path / "more.jsonl", synthetic_rows(150, seed=3))
+    base = ["heads", "train", "--model", str(model), "--data", str(more), "--dev",
+            str(d / "dev.jsonl"), "--schema", str(d / "schema.json"), "--system-prompt",
+            str(d / "system.txt"), "--span-marker", MARKER, "--dtype", "float32",
+            "--recipes-from", str(first)]
+    out = tmp_path / "again"
+    assert main([*base, "--out", str(out)]) == 0
+    head, earlier = ClassificationHead.load(out), ClassificationHead.load(first)
+    assert head.info.recipes == earlier.info.recipes
+    assert head.info.training["train_examples"] == 150
+    assert min(head.info.training["dev_accuracy"].values()) >= 0.9
+    trials = [line for line in capsys.readouterr().out.splitlines() if line.startswith("    ")]
+    assert len(trials) == 2  # one per field: no search
+
+    assert main([*base, "--pooling", "after", "--out", str(tmp_path / "x")]) == 2
+    assert "--recipes-from takes the whole recipe" in capsys.readouterr().err
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**SCHEMA, "properties": {"hue": SCHEMA["properties"]["colour"],
+                                                          "loud": {"type": "boolean"}},
+                                 "required": ["hue", "loud"]}))
+    hue = [a if a != str(d / "schema.json") else str(other) for a in base]
+    assert main([*hue, "--out", str(tmp_path / "y")]) == 2
+    assert "answers the fields ['colour', 'loud'], the schema has ['hue', 'loud']" in \
+        capsys.readouterr().err
