@@ -4,7 +4,7 @@ Starts both servers on free loopback ports with the same GGUF file (the embedded
 Q4_1), threads = cores for both (llama.cpp with --interrupt_requests False, so a new request
 waits instead of aborting the running one), then runs:
   1. the Pika workload (JSON-schema answers) at concurrency 1, 4 and 16, every turn new to
-     both servers (the bench sends each of its ~960 turns once per run);
+     both servers (the bench sends each of its ~1,880 turns once per run);
   2. a plain completion of 128 tokens at batch 1 (decode speed).
 Results (JSON, CSV, PNG) go to benchmarks/results/pika_vs_llamacpp/{pika,decode}/.
 

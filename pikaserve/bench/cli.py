@@ -63,7 +63,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", type=Path, help="JSONL file for --workload file: one request body per line")
     g.add_argument("--pika-dir", type=Path, help="directory with the Pika files (default: the copy bundled in pikaserve.data)")
     g.add_argument("--pika-turns", type=Path, nargs="+", default=[], metavar="FILE",
-                   help="JSONL files of Pika turns (turns.jsonl's fields) to send instead of the bundled ~960")
+                   help="JSONL files of Pika turns (turns.jsonl's fields) to send instead of the bundled ~1,880")
     g.add_argument("--allow-repeats", action="store_true",
                    help="pika: cycle through the turns when the run needs more (by default each turn is sent once per run)")
     g.add_argument("--pika-schema", choices=PIKA_SCHEMA_FORMS, default="json_schema",
