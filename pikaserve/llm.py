@@ -56,7 +56,6 @@ class LLM:
         all_params = [params] * len(batch) if isinstance(params, SamplingParams) else params
         ids = [f"offline-{next(self._ids)}" for _ in batch]
         # Compile every grammar first, so a bad schema raises before anything is queued.
-        # all compiled before any is queued: a bad schema fails the call with nothing left behind
         constraints = [self.engine.constraint_for(p) for p in all_params]
         results = {}
         for rid, prompt, p, constraint in zip(ids, batch, all_params, constraints):

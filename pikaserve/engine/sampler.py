@@ -68,15 +68,15 @@ def apply_constraints(
     kernels per step instead of a few per row. `batched` forces either way (None: batched
     off the CPU).
     """
-    rows = [i for i, r in enumerate(requests) if r.constraint is not None]
-    constraints = [c for r in requests if (c := r.constraint) is not None]
+    held = [(i, c) for i, r in enumerate(requests) if (c := r.constraint) is not None]
     if not (logits.device.type != "cpu" if batched is None else batched):
-        for i, c in zip(rows, constraints):
+        for i, c in held:
             c.mask_logits(logits[i])
         return
+    rows = [i for i, _ in held]
     vocab = logits.shape[1]
     allowed = np.zeros((len(rows), -(-vocab // 8)), dtype=np.uint8)
-    for j, c in enumerate(constraints):
+    for j, (_, c) in enumerate(held):
         c.allow_bits(allowed[j])
     bits = torch.from_numpy(allowed).to(logits.device, non_blocking=True)
     shifts = torch.arange(8, dtype=torch.uint8, device=logits.device)

@@ -41,10 +41,8 @@ class PromptEncoder:
 
     async def chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                    add_special_tokens: bool = False) -> list[int]:
-        chars = _chat_chars(messages)
-        self.check_length([chars], "messages")
-        return await self.run(lambda: self.tokenizer.encode_chat(
-            messages, add_generation_prompt, add_special_tokens), chars)
+        return await self._chat_work(messages, lambda: self.tokenizer.encode_chat(
+            messages, add_generation_prompt, add_special_tokens))
 
     async def prompts(self, prompt: str | list[str] | list[int] | list[list[int]], param: str,
                       add_special_tokens: bool = True) -> list[list[int]]:
@@ -66,12 +64,11 @@ class PromptEncoder:
     async def head_prompt(self, head: Any, messages: list[dict[str, Any]]
                           ) -> tuple[list[int], int, int]:
         """A classification head's prompt: token ids, span start and split (head.prompt)."""
-        chars = _chat_chars(messages)
+        return await self._chat_work(messages, lambda: head.prompt(self.tokenizer, messages))
+
+    async def _chat_work(self, messages: list[dict[str, Any]], work: Callable[[], T]) -> T:
+        """`work` (rendering and tokenizing `messages`), once the chat is known to fit. Its
+        length is its messages' contents (the template adds a bounded few characters)."""
+        chars = sum(len(m["content"]) for m in messages)
         self.check_length([chars], "messages")
-        return await self.run(lambda: head.prompt(self.tokenizer, messages), chars)
-
-
-def _chat_chars(messages: list[dict[str, Any]]) -> int:
-    """A chat's length in characters: its messages' contents (the template adds a bounded
-    few)."""
-    return sum(len(m["content"]) for m in messages)
+        return await self.run(work, chars)

@@ -160,9 +160,10 @@ async def tokenize(request: Request, state: ServerState) -> Response:
         ids = (await state.prompts.prompts(req.prompt, "prompt", add))[0]
     else:
         raise InvalidRequestError("give exactly one of prompt or messages", "prompt")
-    body: TokenizeResponse = {"count": len(ids), "max_model_len": state.engine.max_model_len,
-            "tokens": ids, "token_strs": [state.texts(t) for t in ids]
-            if req.return_token_strs else None}
+    body: TokenizeResponse = {
+        "count": len(ids), "max_model_len": state.engine.max_model_len, "tokens": ids,
+        "token_strs": [state.texts(t) for t in ids] if req.return_token_strs else None,
+    }
     return JSONResponse(body)
 
 
