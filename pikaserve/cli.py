@@ -1,4 +1,4 @@
-"""The `pikaserve` command: serve | generate | bench | heads | export-tokenizer."""
+"""The `pikaserve` command: serve | generate | bench | tune | heads | export-tokenizer."""
 
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ def main(argv: list[str] | None = None) -> int:
     from pikaserve.bench import cli as bench_cli
     from pikaserve.heads import cli as heads_cli
     from pikaserve.server import cli as serve_cli
+    from pikaserve.tune import cli as tune_cli
 
     serve_cli.add_parser(sub)
     generate_cli.add_parser(sub)
     bench_cli.add_parser(sub)
+    tune_cli.add_parser(sub)
     heads_cli.add_parser(sub)
     export_tokenizer_cli.add_parser(sub)
 

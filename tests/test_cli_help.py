@@ -10,12 +10,13 @@ from pikaserve import export_tokenizer_cli, generate_cli
 from pikaserve.bench import cli as bench_cli
 from pikaserve.heads import cli as heads_cli
 from pikaserve.server import cli as serve_cli
+from pikaserve.tune import cli as tune_cli
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:
     parser = argparse.ArgumentParser(prog="pikaserve")
     sub = parser.add_subparsers(dest="command")
-    for module in (serve_cli, generate_cli, bench_cli, heads_cli, export_tokenizer_cli):
+    for module in (serve_cli, generate_cli, bench_cli, tune_cli, heads_cli, export_tokenizer_cli):
         module.add_parser(sub)
     found = {}
     stack = list(sub.choices.items())

@@ -94,6 +94,9 @@ class BenchConfig:
     num_requests: int | None = 100  # per load point and server; None: until --duration
     duration_s: float | None = None  # per load point: no new requests (rounds) after this
     warmup: int = 0  # requests per server before the first load point, not recorded
+    # Logical index of the first measured request. A caller that runs several benches against
+    # one server (pikaserve tune) continues where the last stopped, so no prompt repeats.
+    first_index: int = 0
     round_size: int | None = None  # requests per server turn with --compare (default in runner.round_size)
     timeout_s: float = 300.0
     slos: tuple[Slo, ...] = ()
@@ -127,6 +130,8 @@ class BenchConfig:
             raise ValueError("duration must be > 0")
         if self.warmup < 0 or (self.round_size is not None and self.round_size < 1):
             raise ValueError("warmup must be >= 0 and round size >= 1")
+        if self.first_index < 0:
+            raise ValueError("first index must be >= 0")
         if not self.timeout_s > 0:
             raise ValueError("timeout must be > 0")
         if not self.points:

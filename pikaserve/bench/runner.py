@@ -99,7 +99,7 @@ class Runner:
         ]
         try:
             await self._warmup()
-            results, index_base = [], 0
+            results, index_base = [], self.config.first_index
             for point in self.config.points:
                 results.append(await self._run_point(point, index_base))
                 # Continue the index so a sweep does not resend (and prefix-cache) earlier prompts.

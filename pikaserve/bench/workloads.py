@@ -285,7 +285,7 @@ def workload_from_config(config: BenchConfig, count: TokenCounter | None) -> Wor
     if config.num_prompts is not None:
         n = config.num_prompts
     else:  # enough distinct prompts that no request of the run repeats an earlier one
-        n = config.num_requests * len(config.points) if config.num_requests is not None else 1000
+        n = config.first_index + (config.num_requests * len(config.points) if config.num_requests is not None else 1000)
     ignore_eos = config.ignore_eos if config.ignore_eos is not None else True
     if config.workload == "random":
         return random_workload(n, config.input_len, config.output_len, config.range_ratio, config.seed, count, config.warmup, ignore_eos)
@@ -300,7 +300,7 @@ def requests_per_point(workload: Workload, config: BenchConfig) -> int | None:
     run, that supply spread over the load points (None: unbounded)."""
     if not workload.send_once or config.allow_repeats:
         return config.num_requests
-    supply = len(workload.requests) - len(workload.warmup)
+    supply = len(workload.requests) - len(workload.warmup) - config.first_index
     points = len(config.points)
     if config.num_requests is None:
         if supply < points:
@@ -310,8 +310,9 @@ def requests_per_point(workload: Workload, config: BenchConfig) -> int | None:
     if need > supply:
         raise ValueError(
             f"workload {workload.name!r} has {len(workload.requests)} distinct requests and sends each once; this run needs "
-            f"{need + len(workload.warmup)} ({len(workload.warmup)} warm-up + {points} load points x {config.num_requests}). "
-            "Lower -n or --warmup, add turns with --pika-turns FILE, or pass --allow-repeats"
+            f"{need + len(workload.warmup)} ({len(workload.warmup)} warm-up + {points} load points x {config.num_requests})"
+            + (f" after the {config.first_index} it already sent. " if config.first_index else ". ")
+            + "Lower -n or --warmup, add turns with --pika-turns FILE, or pass --allow-repeats"
         )
     return config.num_requests
 

@@ -188,20 +188,22 @@ def load_yaml(path: str) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = str(key).replace("_", "-")
-        if name in UNSUPPORTED:
-            raise ConfigError(f"--config {path}: {_unsupported_message(name)}")
-        flag = BY_KEY.get(name)
-        if flag is None:
-            raise ConfigError(f"--config {path}: unknown key {key!r}")
-        out[name] = _yaml_value(flag, value, path)
-    return out
+    return dict(checked_setting(key, value, f"--config {path}") for key, value in data.items())
 
 
-def _yaml_value(flag: Flag, value: Any, path: str) -> Any:
-    where = f"--config {path}: {flag.name}"
+def checked_setting(key: object, value: Any, source: str) -> tuple[str, Any]:
+    """One YAML-style setting as (flag name, value of the flag's type); `source` starts the
+    error message. Shared by --config files and `pikaserve tune --space`."""
+    name = str(key).replace("_", "-")
+    if name in UNSUPPORTED:
+        raise ConfigError(f"{source}: {_unsupported_message(name)}")
+    flag = BY_KEY.get(name)
+    if flag is None:
+        raise ConfigError(f"{source}: unknown key {key!r}")
+    return name, _yaml_value(flag, value, f"{source}: {flag.name}")
+
+
+def _yaml_value(flag: Flag, value: Any, where: str) -> Any:
     if value is None:
         return None
     if flag.kind in ("bool", "toggle"):
@@ -233,6 +235,11 @@ def build_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]
         if values.get("model") not in (None, tag):
             raise ConfigError(f"two models given: {tag!r} and --model {values['model']!r}")
         values["model"] = tag
+    return configs_from_settings(values)
+
+
+def configs_from_settings(values: dict[str, Any]) -> tuple[EngineConfig, ServerConfig]:
+    """{flag name: value} over the defaults, validated. Raises ConfigError."""
     engine = {BY_KEY[k].field: v for k, v in values.items() if BY_KEY[k].target == "engine"}
     server = {BY_KEY[k].field: v for k, v in values.items() if BY_KEY[k].target == "server"}
     engine_config = EngineConfig(**engine)

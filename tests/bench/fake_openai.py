@@ -50,8 +50,13 @@ def user_text(body: dict[str, Any]) -> str:
 
 
 class FakeOpenAIServer:
-    def __init__(self, planner: Planner, model: str = "fake-model", tokenize: Callable[[str], int] | None = None) -> None:
-        self.planner, self.model, self.tokenize = planner, model, tokenize
+    def __init__(
+        self, planner: Planner, model: str = "fake-model", tokenize: Callable[[str], int] | None = None,
+        port: int = 0, slots: int | None = None,
+    ) -> None:
+        """port 0: the OS picks one. slots: completions answered at once (the rest queue)."""
+        self.planner, self.model, self.tokenize, self.port = planner, model, tokenize, port
+        self._slots = asyncio.Semaphore(slots) if slots is not None else None
         self.log: list[LoggedRequest] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -62,7 +67,7 @@ class FakeOpenAIServer:
 
     def __enter__(self) -> FakeOpenAIServer:
         self._thread.start()
-        self._server = asyncio.run_coroutine_threadsafe(asyncio.start_server(self._handle, "127.0.0.1", 0), self._loop).result(10)
+        self._server = asyncio.run_coroutine_threadsafe(asyncio.start_server(self._handle, "127.0.0.1", self.port), self._loop).result(10)
         self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
         return self
 
@@ -120,7 +125,10 @@ class FakeOpenAIServer:
             plan = self.planner(body)
             if plan.status != 200:
                 return await self._send_json(writer, plan.status, {"error": {"message": "planned failure", "code": plan.status}})
-            return await self._stream(writer, plan, entry, chat=path == "/v1/chat/completions")
+            if self._slots is None:
+                return await self._stream(writer, plan, entry, chat=path == "/v1/chat/completions")
+            async with self._slots:
+                return await self._stream(writer, plan, entry, chat=path == "/v1/chat/completions")
         finally:
             self.in_flight -= 1
             entry.finished = entry.finished or time.perf_counter()

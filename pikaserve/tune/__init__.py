@@ -1,0 +1,2 @@
+"""`pikaserve tune`: the report's requirements -> workload -> config -> benchmark -> tune loop
+as one command (docs/tune.md)."""
