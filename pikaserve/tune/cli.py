@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
+import signal
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -69,6 +70,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("search")
     g.add_argument("--budget", type=parse_budget, help="start no config after this long, e.g. 20m (the one running "
                    "finishes); configs not reached are listed as not run (default: the whole space)")
+    g.add_argument("--confirm", type=int, default=3, help="search the best K configs and the default once more, "
+                   "each on a new server, and rank them by the mean of their searches (0: off)")
     g.add_argument("--probe-requests", type=int, default=64, help="requests of the capacity probe, and at most of a rate probe")
     g.add_argument("--unloaded-requests", type=int, default=8, help="requests sent one at a time first")
     g.add_argument("--capacity-concurrency", type=int, default=32, help="requests in flight when measuring capacity")
@@ -125,6 +128,7 @@ def config_from_args(args: argparse.Namespace) -> TuneConfig:
         server_cmd=args.server_cmd,
         serve_args=tuple(shlex.split(args.serve_args)),
         budget_s=args.budget,
+        confirm=args.confirm,
         start_timeout_s=args.start_timeout,
     )
 
@@ -141,7 +145,7 @@ class ConsoleTuneProgress:
             self._bar.update(self._task, description=f"measuring {candidate.label}")
 
     def done(self, result: ConfigResult, reused: bool) -> None:
-        note = " (reused)" if reused else ""
+        note = (f" (mean of {result.searches} searches)" if result.searches > 1 else "") + (" (reused)" if reused else "")
         line = f"{result.label}: {result.status}, goodput {result.goodput:.3g} req/s{note}"
         (self._bar.console if self._bar is not None else self._console).print(line, markup=False, highlight=False)
         if self._bar is not None and self._task is not None:
@@ -160,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console()
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # SIGTERM unwinds like Ctrl-C, so the server being measured is stopped too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     try:
         config = config_from_args(args)
@@ -171,7 +177,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
             with Progress(*columns, console=Console(stderr=True)) as bar:
-                tuner.progress = ConsoleTuneProgress(console, len(tuner.candidates), bar)
+                total = len(tuner.candidates) + (config.confirm + 1 if config.confirm else 0)  # at most
+                tuner.progress = ConsoleTuneProgress(console, total, bar)
                 results = tuner.run()
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")

@@ -13,17 +13,25 @@ from typing import TYPE_CHECKING, Any
 from pikaserve.machine import describe_machine
 from pikaserve.tune.search import Probe
 from pikaserve.tune.space import display_name
-from pikaserve.tune.tuner import ConfigResult, TuneConfig, settings_yaml
+from pikaserve.tune.tuner import ConfigResult, TuneConfig, ranked, settings_yaml
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-# a config's place among equal goodputs (failures last)
-_STATUS_ORDER = {"searched": 0, "pruned": 1, "slo-unmet": 2, "failed": 3, "not-run": 4}
+def best_config(results: list[ConfigResult]) -> ConfigResult | None:
+    """The winner: the best of the configs searched more than once when there are any (a
+    config first in one search is there partly by luck: its second search is lower, on
+    average), else the best; None when no config had goodput."""
+    pool = [r for r in results if r.searches > 1] or results
+    top = ranked(pool)[0] if pool else None
+    return top if top is not None and top.goodput > 0 else None
 
 
-def ranked(results: list[ConfigResult]) -> list[ConfigResult]:
-    return sorted(results, key=lambda r: (-r.goodput, _STATUS_ORDER.get(r.status, 9), -r.max_rate, -(r.capacity or 0.0)))
+def search_spread(results: list[ConfigResult]) -> float | None:
+    """How far a config's goodput moved between its searches: the mean of |first - second|
+    over the configs searched twice (None when none was). Configs closer than this are ties."""
+    pairs = [r.goodputs[:2] for r in results if r.searches > 1]
+    return sum(abs(a - b) for a, b in pairs) / len(pairs) if pairs else None
 
 
 def best_probe(result: ConfigResult) -> Probe | None:
@@ -32,42 +40,72 @@ def best_probe(result: ConfigResult) -> Probe | None:
 
 
 @dataclass(frozen=True, slots=True)
+class ValueEffect:
+    """The best of the measured configs with one value of a knob."""
+
+    goodput: float  # the best goodput measured (a pruned config: what it held before pruning)
+    goodput_bound: float  # the most it could be (a pruned config: ConfigResult.goodput_bound)
+    capacity: float | None
+    unloaded_e2e_ms: float | None  # E2E p50 one request at a time, the lowest
+
+    def text(self) -> str:
+        good = f"{self.goodput:.3g}" if self.goodput_bound <= self.goodput else f"{self.goodput:.3g}-{self.goodput_bound:.3g}"
+        cap = "-" if self.capacity is None else f"{self.capacity:.3g}"
+        e2e = "-" if self.unloaded_e2e_ms is None else f"{self.unloaded_e2e_ms:.0f} ms"
+        return f"goodput {good}, capacity {cap} req/s, unloaded E2E p50 {e2e}"
+
+
+@dataclass(frozen=True, slots=True)
 class KnobEffect:
-    """How much one knob moved goodput: the best goodput reached with each of its values."""
+    """How much one knob moved goodput: what each of its values reached at best."""
 
     knob: str
-    best_by_value: dict[str, float]
+    by_value: dict[str, ValueEffect]
 
     @property
-    def spread(self) -> float:
-        return max(self.best_by_value.values()) - min(self.best_by_value.values())
+    def spread(self) -> tuple[float, float]:
+        """The range the goodput spread between its best and worst value lies in (a range
+        where pruned configs leave it open)."""
+        best = max(v.goodput for v in self.by_value.values())
+        return (max(0.0, best - min(v.goodput_bound for v in self.by_value.values())),
+                best - min(v.goodput for v in self.by_value.values()))
 
     @property
     def best_value(self) -> str:
-        return max(self.best_by_value, key=lambda v: self.best_by_value[v])
+        return max(self.by_value, key=lambda v: self.by_value[v].goodput)
 
     def sentence(self) -> str:
-        values = ", ".join(f"{v}: {g:.3g}" for v, g in self.best_by_value.items())
-        return f"{self.knob}: spread {self.spread:.3g} req/s (best goodput per value: {values})"
+        lo, hi = self.spread
+        spread = f"{hi:.3g}" if hi - lo < 1e-9 else f"{lo:.3g}-{hi:.3g}"
+        values = "; ".join(f"{v}: {e.text()}" for v, e in self.by_value.items())
+        return f"{self.knob}: goodput spread {spread} req/s ({values})"
 
 
 def knob_effects(config: TuneConfig, results: list[ConfigResult]) -> list[KnobEffect]:
-    """Per knob, the best goodput among the measured configs with each of its values, largest
-    spread first. Pruned configs count with their capacity, an upper bound of their goodput
-    (so a spread is never overstated), configs that failed with 0; configs never run do not
-    count."""
+    """Per knob and value, the best of the measured configs with that value; the knobs with
+    the widest goodput spread first. Pruned configs give a range: what they held, up to the
+    most they could have had (never above the best config's); configs that failed count 0;
+    configs never run do not count."""
     effects = []
     for knob in config.knobs:
         name = display_name(knob.name)
-        best: dict[str, float] = {}
+        rows: dict[str, list[ConfigResult]] = {}
         for r in results:
             if r.status != "not-run" and name in r.settings:
-                value = _text(r.settings[name])
-                reached = r.capacity or 0.0 if r.status == "pruned" else r.goodput
-                best[value] = max(best.get(value, 0.0), reached)
-        if len(best) > 1:
-            effects.append(KnobEffect(name, best))
-    return sorted(effects, key=lambda e: -e.spread)
+                rows.setdefault(_text(r.settings[name]), []).append(r)
+        if len(rows) > 1:
+            effects.append(KnobEffect(name, {value: _value_effect(rs) for value, rs in rows.items()}))
+    return sorted(effects, key=lambda e: (-e.spread[1], -e.spread[0]))
+
+
+def _value_effect(results: list[ConfigResult]) -> ValueEffect:
+    capacities = [c for r in results if (c := r.capacity) is not None]
+    unloaded = [lat["e2e"]["p50"] for r in results for p in r.probes
+                if p.kind == "unloaded" and "e2e" in (lat := p.latency_ms)]
+    return ValueEffect(
+        max(r.goodput for r in results), max(r.goodput_bound for r in results),
+        max(capacities, default=None), min(unloaded, default=None),
+    )
 
 
 def _text(value: Any) -> str:
@@ -85,7 +123,8 @@ def result_row(rank: int, r: ConfigResult) -> dict[str, Any]:
     unloaded = next((p for p in r.probes if p.kind == "unloaded"), None)
     return {
         "rank": rank, "config": r.label, "default": r.is_default, "status": r.status,
-        "goodput": r.goodput, "max_rate": r.max_rate, "capacity": r.capacity,
+        "goodput": r.goodput, "searches": r.searches, "goodput_per_search": " ".join(f"{g:.4g}" for g in r.goodputs),
+        "max_rate": r.max_rate, "capacity": r.capacity,
         **_probe_summary(probe, "ttft"), **_probe_summary(probe, "e2e"),
         "unloaded_e2e_p50_ms": unloaded.latency_ms.get("e2e", {}).get("p50") if unloaded is not None else None,
         "ready_s": r.ready_s, "detail": r.detail, **{f"knob:{k}": _text(v) for k, v in r.settings.items()},
@@ -95,7 +134,7 @@ def result_row(rank: int, r: ConfigResult) -> dict[str, Any]:
 def write_reports(config: TuneConfig, results: list[ConfigResult], started_at: str, plots: bool = True) -> list[Path]:
     out = config.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    order = ranked(results)
+    order, best = ranked(results), best_config(results)
     effects = knob_effects(config, results)
     report = {
         "started_at": started_at,
@@ -105,8 +144,10 @@ def write_reports(config: TuneConfig, results: list[ConfigResult], started_at: s
         "space": {display_name(k.name): [_text(v) for v in k.values] for k in config.knobs},
         **config.context,
         "budget_s": config.budget_s,
-        "best": order[0].label if order and order[0].goodput > 0 else None,
-        "knob_effects": [{"knob": e.knob, "spread": e.spread, "best_value": e.best_value, "best_by_value": e.best_by_value} for e in effects],
+        "best": best.label if best is not None else None,
+        "search_spread": search_spread(results),
+        "knob_effects": [{"knob": e.knob, "spread": e.spread, "best_value": e.best_value,
+                          "by_value": {v: asdict(x) for v, x in e.by_value.items()}} for e in effects],
         "results": [{**result_row(i + 1, r), "settings": r.settings, "probes": [asdict(p) for p in r.probes]} for i, r in enumerate(order)],
     }
     paths = [out / "tune.json", out / "tune.csv"]
@@ -117,8 +158,8 @@ def write_reports(config: TuneConfig, results: list[ConfigResult], started_at: s
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    if order and order[0].goodput > 0:
-        paths.append(write_best_yaml(config, order[0], out / "best.yaml"))
+    if best is not None:
+        paths.append(write_best_yaml(config, best, out / "best.yaml"))
     if plots:
         from pikaserve.tune.plots import write_plots
 
@@ -146,12 +187,17 @@ def print_report(config: TuneConfig, results: list[ConfigResult], console: Conso
         e2e = _probe_summary(best_probe(r))["e2e_p99_ms"]
         table.add_row(
             str(i + 1), r.label, r.status,
-            f"{r.goodput:.3g}", f"{r.max_rate:.3g}", "-" if r.capacity is None else f"{r.capacity:.3g}",
+            f"{r.goodput:.3g}" + (f" ({', '.join(f'{g:.3g}' for g in r.goodputs)})" if r.searches > 1 else ""), f"{r.max_rate:.3g}", "-" if r.capacity is None else f"{r.capacity:.3g}",
             "-" if e2e is None else f"{e2e:.0f}", "-" if r.ready_s is None else f"{r.ready_s:.1f}",
         )
     console.print(table)
     for r in ranked(results):
         console.print(f"{r.label}: {r.detail}", markup=False, highlight=False)
+    if (best := best_config(results)) is not None:
+        how = "searched twice" if best.searches > 1 else "searched once"
+        console.print(f"Best ({how}): {best.label}, {best.goodput:.3g} req/s", markup=False, highlight=False)
+    if (spread := search_spread(results)) is not None:
+        console.print(f"Search to search, a config's goodput moved by {spread:.2g} req/s on average: closer configs are ties.")
     effects = knob_effects(config, results)
     if effects:
         console.print("Knobs by how much they moved goodput:")

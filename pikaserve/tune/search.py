@@ -8,7 +8,9 @@ Three phases, each cheaper than the next is worth:
    win: it is pruned before the search.
 3. rate search: open-loop probes (Poisson arrivals by default) from the capacity down, halving
    the interval between the highest rate that held and the lowest that did not, until it is
-   within the tolerance or the probes run out (vLLM's auto_tune does the same by hand).
+   within the tolerance or the probes run out (vLLM's auto_tune does the same by hand). A
+   config that fails at a rate no higher than the best goodput so far cannot win either: it
+   is pruned there, before the slow probes at low rates.
 
 A probe passes when at least p% of its requests succeed, give a valid answer and meet every
 limit (`SloSpec`). The config's goodput is the best goodput of the rate probes that passed.
@@ -40,6 +42,7 @@ class Probe:
     passed: bool
     latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # metric -> p50/p90/p99
     errors: dict[str, int] = field(default_factory=dict)
+    search: int = 0  # which search of its config (1 and up: the --confirm searches)
 
     @classmethod
     def of(cls, kind: str, point: LoadPoint, metrics: Metrics, slo: SloSpec) -> Probe:
@@ -110,6 +113,8 @@ def search(measure: Measure, settings: SearchSettings, beat: float = 0.0) -> Sea
                 break
         else:
             failing = rate
+            if failing <= beat:  # its goodput stays below a rate that failed: it cannot win
+                return SearchOutcome("pruned", f"failed at {rate:.3g} req/s, not above the best goodput so far, {beat:.3g} req/s", probes)
         if failing - passing <= settings.tolerance * failing:
             break
         rate = (passing + failing) / 2

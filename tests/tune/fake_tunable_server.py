@@ -4,7 +4,8 @@ It answers `--slots` completions at once, each after `--service-ms`; the rest qu
 evenly spaced arrivals its E2E latency is service-ms up to slots / service-ms requests/s and
 grows without bound past it: the best config and its highest rate under an E2E SLO are known.
 `--mode fail` exits at once (a config that cannot start); `--mode crash` dies at its 20th
-completion. Every start is appended to `--starts FILE`, so tests can count them.
+completion; `--mode once` starts the first time only. Every start is appended to `--starts
+FILE`, so tests can count them.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ def main() -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--slots", type=int, required=True)
     p.add_argument("--service-ms", type=float, required=True)
-    p.add_argument("--mode", choices=("ok", "fail", "crash"), default="ok")
+    p.add_argument("--mode", choices=("ok", "fail", "crash", "once"), default="ok")
     p.add_argument("--starts", type=Path, required=True)
     args = p.parse_args()
+    started_before = args.starts.exists() and args.starts.read_text() != ""
     with open(args.starts, "a") as f:
         f.write(f"slots={args.slots} service_ms={args.service_ms:g} mode={args.mode}\n")
-    if args.mode == "fail":
+    if args.mode == "fail" or (args.mode == "once" and started_before):
         sys.exit("fake server: this config cannot start")
     served = 0
 

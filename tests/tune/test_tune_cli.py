@@ -14,7 +14,7 @@ from pikaserve.cli import main
 
 FAKE = Path(__file__).with_name("fake_tunable_server.py")
 QUICK = ["--workload", "random", "--arrival", "constant", "--warmup", "0", "--unloaded-requests", "4",
-         "--probe-requests", "32", "--max-probe-seconds", "1", "--max-rate-probes", "4", "--tolerance", "0.15", "--no-progress"]
+         "--probe-requests", "32", "--max-probe-seconds", "1", "--max-rate-probes", "4", "--tolerance", "0.15", "--confirm", "0", "--no-progress"]
 
 
 def tune(tmp_path: Path, *args: str, mode: str = "ok") -> int:
@@ -36,11 +36,14 @@ def results(tmp_path: Path) -> dict[str, dict]:
 @pytest.mark.slow
 def test_finds_the_known_best_config_and_its_highest_rate(tmp_path):
     # 4 slots x 80 ms sustain 50 req/s at E2E 80 ms; 2 and 1 slots 25 and 12.5; 300 ms misses 200 ms.
-    assert tune(tmp_path, "--space", "slots=4,2,1", "service_ms=80,300", "--slo", "e2e=200ms,p=90") == 0
+    space = ["--space", "slots=4,2,1", "service_ms=80,300", "--slo", "e2e=200ms,p=90"]
+    assert tune(tmp_path, *space, "--confirm", "1") == 0  # the last --confirm wins
     found = results(tmp_path)
     best = found["default (slots=4 service_ms=80)"]
     assert best["rank"] == 1 and best["status"] == "searched"
     assert 50 * (1 - 0.15 - 0.1) <= best["max_rate"] <= 50 * 1.05  # search tolerance, plus timing slack
+    assert best["searches"] == 2  # confirmed on a second server; the others were not
+    assert len(starts(tmp_path)) == 6 + 1 and all(r["searches"] == 1 for r in found.values() if r is not best)
     for slots in (4, 2, 1):
         assert found[f"slots={slots} service_ms=300"]["status"] == "slo-unmet"
     for slots in (2, 1):  # their capacity is below the best goodput: no rate search spent on them
@@ -69,6 +72,16 @@ def test_configs_that_fail_to_start_or_crash_are_recorded_and_the_sweep_goes_on(
     assert found["mode=ok slots=2 service_ms=40"]["status"] == "searched"
     assert found["mode=ok slots=2 service_ms=40"]["rank"] == 1
     assert len(starts(tmp_path)) == 3
+
+
+@pytest.mark.slow
+def test_a_config_failing_its_confirming_search_counts_it_as_zero(tmp_path):
+    assert tune(tmp_path, "--space", "mode=once", "slots=2", "service_ms=40", "--slo", "e2e=500ms", "--confirm", "1", mode="knob") == 0
+    result = results(tmp_path)["default (mode=once slots=2 service_ms=40)"]
+    assert len(starts(tmp_path)) == 2 and result["searches"] == 2
+    first, second = (float(g) for g in result["goodput_per_search"].split())
+    assert first > 0 and second == 0 and result["goodput"] == pytest.approx(first / 2, rel=1e-3)
+    assert "search 2: exited with status" in result["detail"]
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ def test_tunes_pikaserve_serve_on_the_pika_workload(tmp_path):
     out = tmp_path / "out"
     code = main(["tune", "--space", "max_num_seqs=4", "block_size=16", "--slo", "e2e=5s,p=90", "--out", str(out),
                  "--unloaded-requests", "2", "--probe-requests", "8", "--capacity-concurrency", "4",
-                 "--max-rate-probes", "1", "--max-probe-seconds", "1", "--warmup", "1", "--no-progress", "--no-plots"])
+                 "--max-rate-probes", "1", "--max-probe-seconds", "1", "--warmup", "1", "--confirm", "0", "--no-progress", "--no-plots"])
     assert code == 0
     report = json.loads((out / "tune.json").read_text())
     by_config = {r["config"]: r for r in report["results"]}

@@ -65,6 +65,14 @@ def test_rate_probes_send_about_max_probe_s_of_arrivals_within_bounds():
     assert [s.rate_requests(r) for r in (1.0, 20.0, 100.0)] == [16, 40, 64]
 
 
+def test_a_config_failing_below_the_best_goodput_is_pruned_during_the_rate_search():
+    server = ModelServer(capacity=30.0, holds_to=8.0)
+    outcome = search(server, SETTINGS, beat=12.0)
+    assert outcome.status == "pruned" and "not above the best goodput" in outcome.detail
+    # 30 and 15 fail above 12, 7.5 holds, 11.25 fails: no rate above 12 can hold any more
+    assert [p.load for p in outcome.probes if p.kind == "rate"] == [30.0, 15.0, 7.5, 11.25]
+
+
 @pytest.mark.parametrize("kw", [dict(probe_requests=0), dict(tolerance=1.0), dict(max_probe_s=0.0), dict(max_rate_probes=0)])
 def test_bad_search_settings(kw):
     with pytest.raises(ValueError):

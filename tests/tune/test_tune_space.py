@@ -45,7 +45,7 @@ def test_pikaserve_space_takes_yaml_values_of_serve_settings():
     (["enforce_eager=maybe"], "must be true or false"),
     (["dtype=int3"], "dtype must be one of"),
     (["port=8000,8001"], "set by the tuner"),
-    (["speculative_config=x"], "does not implement"),
+    (["enable_lora=x"], "does not implement"),
     (["max_num_seqs=8", "max-num-seqs=16"], "twice"),
     (["block_size=4,4"], "repeats a value"),
 ])
