@@ -70,6 +70,10 @@ class EngineConfig:
     # sizes 1, 2, 4, ... up to it); enforce_eager turns graphs off.
     max_cudagraph_capture_size: int = 512
     enforce_eager: bool = False
+    # Speculative decoding, as vLLM's --speculative-config: {"method": "ngram",
+    # "num_speculative_tokens": k, "prompt_lookup_max": n, "prompt_lookup_min": m} proposes up
+    # to k tokens by prompt lookup and checks them in the next pass (SpeculativeConfig).
+    speculative_config: dict | None = None
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
@@ -116,9 +120,72 @@ class EngineConfig:
                 f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet; "
                 "pikaserve runs on one device (tensor_parallel_size=1)"
             )
+        self.speculative()
+
+    def speculative(self) -> SpeculativeConfig | None:
+        """speculative_config parsed and checked (ConfigError), or None when it is off."""
+        if self.speculative_config is None:
+            return None
+        return SpeculativeConfig.parse(self.speculative_config)
 
     def replace(self, **changes) -> "EngineConfig":
         return dataclasses.replace(self, **changes)
+
+
+SPECULATIVE_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max",
+                    "prompt_lookup_min", "disable_by_batch_size")
+# Past this many running requests a step proposes nothing: a batch that large already uses the
+# weights it reads well, and the proposals' extra rows cost more than they save
+# (benchmarks/results/spec_ngram.json, 2-core CPU).
+DEFAULT_DISABLE_BY_BATCH_SIZE = 8
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding by prompt lookup (vLLM's "ngram" method, the only one so far):
+    after each step a running request without a grammar looks for the last earlier
+    occurrence of its last n tokens (n from prompt_lookup_max down to prompt_lookup_min) and
+    proposes up to num_speculative_tokens tokens that followed it; the next pass checks them.
+    No request proposes while more than disable_by_batch_size run."""
+
+    num_speculative_tokens: int
+    prompt_lookup_max: int
+    prompt_lookup_min: int
+    disable_by_batch_size: int = DEFAULT_DISABLE_BY_BATCH_SIZE
+
+    @classmethod
+    def parse(cls, raw: object) -> SpeculativeConfig:
+        """From vLLM's keys; ConfigError naming what is wrong."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"speculative_config must be a JSON object; got {raw!r}")
+        method = raw.get("method")
+        if method == "draft_model":
+            raise ConfigError("speculative_config: the draft_model method is not implemented "
+                              "yet; only 'ngram' (prompt lookup) is")
+        if method != "ngram":
+            raise ConfigError(f"speculative_config: method must be 'ngram' (the only one "
+                              f"implemented); got {method!r}")
+        unknown = sorted(set(raw) - set(SPECULATIVE_KEYS))
+        if unknown:
+            raise ConfigError(f"speculative_config: unknown or unsupported key(s) "
+                              f"{', '.join(map(repr, unknown))}; the ngram method takes "
+                              f"{', '.join(SPECULATIVE_KEYS)}")
+        k, hi, lo, batch = (raw.get(key) for key in SPECULATIVE_KEYS[1:])
+        for key, value in zip(SPECULATIVE_KEYS[1:], (k, hi, lo, batch)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < 1):
+                raise ConfigError(f"speculative_config: {key} must be an integer >= 1; "
+                                  f"got {value!r}")
+        if k is None:
+            raise ConfigError("speculative_config: the ngram method needs "
+                              "num_speculative_tokens (the most tokens proposed per step)")
+        # as vLLM: one bound given sets both; none gives 5
+        hi = hi if hi is not None else lo if lo is not None else 5
+        lo = lo if lo is not None else hi
+        if lo > hi:
+            raise ConfigError(f"speculative_config: prompt_lookup_min ({lo}) must be <= "
+                              f"prompt_lookup_max ({hi})")
+        return cls(k, hi, lo, batch if batch is not None else DEFAULT_DISABLE_BY_BATCH_SIZE)
 
 
 def default_num_threads() -> int:

@@ -21,10 +21,20 @@ import torch
 
 @dataclass(frozen=True, slots=True)
 class Draft:
-    """A guessed next token, then every token the grammar forces after it."""
+    """Tokens a pass computes after a request's known ones, to be checked against what it
+    samples (engine/drafts.py): a grammar's guess of its next token, then every token the
+    grammar forces after it; or a speculative proposal (engine/ngram.py)."""
 
     token_ids: list[int]
     allowed_after: list[int] | None  # the tokens allowed after them (None: many)
+    # True: logits after every token, as each may be the first wrong one (a proposal).
+    # False: only after the last, as the ones between are forced by the grammar.
+    verify_each: bool = False
+
+    @property
+    def first_verified(self) -> int:
+        """The first of its tokens with logits after it; every later one has them too."""
+        return 0 if self.verify_each else len(self.token_ids) - 1
 
 
 class Constraint(Protocol):

@@ -16,9 +16,11 @@ import torch
 from pikaserve.config import ConfigError, EngineConfig
 from pikaserve.engine import drafts as drafts_mod
 from pikaserve.engine.constraint import Constraint, Draft
+from pikaserve.engine.drafts import DraftCheck, SpecDecodeCounters, StepLogits
 from pikaserve.engine.detokenizer import IncrementalDetokenizer
 from pikaserve.kv.kv_cache import allocate_kv_cache
 from pikaserve.engine.model_runner import ModelRunner
+from pikaserve.engine.ngram import NgramProposer
 from pikaserve.engine.outputs import EngineStats, RequestOutput, TokenLogprob
 from pikaserve.engine.pooling_params import PoolingParams, PoolTransform
 from pikaserve.engine.request import Request
@@ -93,6 +95,11 @@ class LLMEngine:
             loaded.model, kv_caches, config.block_size, self.device, loaded.backend, graphs
         )
         self.sampler = Sampler(loaded.config.vocab_size, config.seed, self.device)
+        speculative = config.speculative()
+        self.proposer = None if speculative is None else NgramProposer(
+            speculative, self.max_model_len)
+        self.spec_counters = SpecDecodeCounters(
+            accepted_per_pos=[0] * (speculative.num_speculative_tokens if speculative else 0))
         self.requests: dict[str, Request] = {}
         self._ready: list[RequestOutput] = []  # requests a grammar finished without a pass
         self.load_seconds = time.perf_counter() - start
@@ -221,24 +228,68 @@ class LLMEngine:
             return ready
         result = self.sampler(step.sampled_logits, step.sampling)
         outputs = {}
-        confirmed, rows = [], []  # requests whose draft the sampled token confirmed
+        checks = []  # the drafts this pass computed, checked against what their requests append
         for req, token, lp in zip(step.sampling, result.token_ids, result.logprobs):
             req.draft = None
+            start = req.num_tokens
             outputs[req.request_id] = self._update(req, token, lp)
-            row, draft = step.drafts.get(req.request_id, (None, None))
-            if draft is not None and drafts_mod.confirmed(req, token, draft):
-                self.scheduler.confirm_draft(req, len(draft.token_ids))
-                confirmed.append(req)
-                rows.append(row)
-        if confirmed:  # their draft's last row holds the logits of their next choice
-            result = self.sampler(step.logits[rows], confirmed)
-            for req, token, lp in zip(confirmed, result.token_ids, result.logprobs):
-                first = outputs[req.request_id]
-                outputs[req.request_id] = _joined(first, self._update(req, token, lp))
-        if self.config.structured_output_draft and self.config.structured_output_fast_forward:
-            for req in step.sampling:
-                drafts_mod.propose(req, self.max_model_len)
+            rows = step.drafts.get(req.request_id)
+            if rows is not None:
+                checks.append(DraftCheck(req, rows, start))
+        if checks:
+            self._check_drafts(step, checks, outputs)
+        for req in step.sampling:
+            self._propose(req)
         return ready + list(outputs.values())
+
+    def _check_drafts(
+        self, step: StepLogits, checks: list[DraftCheck], outputs: dict[str, RequestOutput]
+    ) -> None:
+        """Round after round, every request whose draft came true so far samples once more,
+        from the row after the tokens it matched (one sampler call per round for all), until
+        a token differs, its draft ends (the last row gives one token more) or it finishes."""
+        going = checks
+        while True:
+            nexts = [(c, row) for c in going if (row := self._next_row(c)) is not None]
+            if not nexts:
+                break
+            going = [c for c, _ in nexts]
+            result = self.sampler(step.logits[[row for _, row in nexts]],
+                                  [c.request for c in going])
+            for c, token, lp in zip(going, result.token_ids, result.logprobs):
+                req = c.request
+                c.start = req.num_tokens
+                outputs[req.request_id] = _joined(outputs[req.request_id],
+                                                  self._update(req, token, lp))
+        for c in checks:
+            if c.rows.draft.verify_each:
+                self.spec_counters.record(c)
+                if (state := c.request.proposal_state) is not None:
+                    state.checked(c.matched, len(c.rows.draft.token_ids))
+
+    def _next_row(self, check: DraftCheck) -> int | None:
+        """Confirms the KV of the draft tokens that the request's latest ones matched; returns
+        the row of the logits of its next token when the pass computed them, else None."""
+        req = check.request
+        num_new = req.num_tokens - check.start
+        matched = check.match()
+        if req.finish_reason is not None:  # finished: its blocks are freed already
+            return None
+        if matched:
+            self.scheduler.confirm_draft(req, matched)
+        if matched < num_new:  # a token differed, or the draft ended before it
+            return None
+        return check.rows.row_after(check.matched - 1)
+
+    def _propose(self, req: Request) -> None:
+        """A draft for the request's next pass: its grammar's, or a speculative proposal."""
+        if req.finish_reason is not None:
+            return
+        if req.constraint is not None:
+            if self.config.structured_output_draft and self.config.structured_output_fast_forward:
+                drafts_mod.propose(req, self.max_model_len)
+        elif self.proposer is not None:
+            req.draft = self.proposer.propose(req, len(self.scheduler.running))
 
     def _finish_pooling(self, reqs: list[Request]) -> list[RequestOutput]:
         """Finishes pooling requests whose prompt is now computed. Each gets its states, or
@@ -368,6 +419,10 @@ class LLMEngine:
             prefix_cache_queries=self.pool.queries,
             prefix_cache_hits=self.pool.hits,
             num_forward_passes=self.runner.num_forward_passes,
+            spec_decode_num_drafts=self.spec_counters.num_drafts,
+            spec_decode_num_draft_tokens=self.spec_counters.num_draft_tokens,
+            spec_decode_num_accepted_tokens=self.spec_counters.num_accepted_tokens,
+            spec_decode_num_accepted_tokens_per_pos=tuple(self.spec_counters.accepted_per_pos),
         )
 
     def pool_is_idle(self) -> bool:
@@ -376,7 +431,7 @@ class LLMEngine:
 
 
 def _joined(first: RequestOutput, then: RequestOutput) -> RequestOutput:
-    """One output for two updates of a request in the same step (a confirmed draft)."""
+    """One output for two updates of a request in the same step (a draft that came true)."""
     then.new_token_ids = first.new_token_ids + then.new_token_ids
     then.new_text = first.new_text + then.new_text
     then.logprobs = first.logprobs + then.logprobs

@@ -11,7 +11,7 @@ import torch
 from pikaserve.attention.backend import AttentionBackend
 from pikaserve.attention.layout import BatchLayout
 from pikaserve.engine.constraint import Draft
-from pikaserve.engine.drafts import StepLogits
+from pikaserve.engine.drafts import DraftRows, StepLogits
 from pikaserve.engine.forward_inputs import ForwardInputs
 from pikaserve.engine.pooling_params import PoolingParams
 from pikaserve.engine.request import Request
@@ -45,14 +45,14 @@ class ModelRunner:
         self, out: SchedulerOutput, vocab_rows: list[int] | None = None
     ) -> tuple[StepLogits, PooledStates | None]:
         """The logits (float32) of every request that samples this step, at its last known token,
-        then of every draft, at its last token, with each row's owner (StepLogits). With
-        `vocab_rows`, only those tokens get logits; the others are -inf. Second: the hidden
-        states of the pooling requests' span rows computed this step (PooledStates), or None
-        when there are none."""
+        then of every draft, after each of its tokens from Draft.first_verified on, with each
+        row's owner (StepLogits). With `vocab_rows`, only those tokens get logits; the others
+        are -inf. Second: the hidden states of the pooling requests' span rows computed this
+        step (PooledStates), or None when there are none."""
         bs = self.block_size
         ids, positions, slots, logits_rows = [], [], [], []
         sampling: list[Request] = []  # the owner of each row of logits_rows
-        draft_rows: list[tuple[Request, Draft, int]] = []
+        draft_rows: list[tuple[Request, Draft, range]] = []  # and its token rows with logits
         query_lens, context_lens, tables = [], [], []
         hidden_rows: list[int] = []
         pooled_counts: list[tuple[Request, int]] = []
@@ -81,7 +81,7 @@ class ModelRunner:
                 sampling.append(req)
                 logits_rows.append(row - 1 - k)
                 if draft is not None:
-                    draft_rows.append((req, draft, row - 1))
+                    draft_rows.append((req, draft, range(row - k + draft.first_verified, row)))
 
         layout = BatchLayout(
             query_lens=np.asarray(query_lens, dtype=np.int64),
@@ -95,14 +95,17 @@ class ModelRunner:
         layers = tuple(sorted({i for r, _ in pooled_counts for i in r.pooling.layers}))
         step = ForwardInputs(
             np.concatenate(ids), layout,
-            np.asarray(logits_rows + [r for _, _, r in draft_rows], dtype=np.int64),
+            np.asarray(logits_rows + [r for _, _, rs in draft_rows for r in rs], dtype=np.int64),
             None if vocab_rows is None else np.asarray(vocab_rows, dtype=np.int64),
             np.asarray(hidden_rows, dtype=np.int64) if hidden_rows else None,
             layers, out.depth,
         )
         logits, hidden = self.forward(step)
-        drafts = {req.request_id: (len(logits_rows) + i, draft)
-                  for i, (req, draft, _) in enumerate(draft_rows)}
+        drafts: dict[str, DraftRows] = {}
+        first = len(logits_rows)
+        for req, draft, rs in draft_rows:
+            drafts[req.request_id] = DraftRows(draft, list(range(first, first + len(rs))))
+            first += len(rs)
         # hidden states come back exactly when the step has hidden rows (pooled_counts)
         pooled = PooledStates(layers, hidden.cpu(), pooled_counts) if hidden is not None else None
         return StepLogits(logits, sampling, drafts), pooled

@@ -44,3 +44,8 @@ class EngineStats:
     prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int  # of which found
     num_forward_passes: int
+    # speculative decoding (vLLM's meaning; proposals only, not grammar drafts)
+    spec_decode_num_drafts: int = 0  # proposals checked in a pass
+    spec_decode_num_draft_tokens: int = 0  # their tokens
+    spec_decode_num_accepted_tokens: int = 0  # of which the request sampled the same
+    spec_decode_num_accepted_tokens_per_pos: tuple[int, ...] = ()  # [i]: those at position i

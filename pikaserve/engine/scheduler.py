@@ -93,25 +93,29 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        singles: list[ScheduledRequest] = []
-        chunks: list[ScheduledRequest] = []
+        scheduled: list[ScheduledRequest] = []
 
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            k = self._fit_draft(req, n, budget)
             while not self._grow(req, req.num_computed_tokens + n):
-                victim = self.running.pop()
+                victim = self.running.pop()  # never one scheduled already: those come first
                 self._preempt(victim)
                 out.num_preempted += 1
                 if victim is req:
                     break
             else:
-                draft = req.draft if k else None
-                (singles if n + k == 1 else chunks).append(ScheduledRequest(req, n + k, draft))
-                budget -= n + k
+                scheduled.append(ScheduledRequest(req, n))
+                budget -= n
                 i += 1
+        # Drafts get what the known tokens of every running request left, so that a draft
+        # never takes the blocks a later request needs; none when memory is tight.
+        for s in scheduled:
+            k = self._fit_draft(s.request, s.num_new_tokens, budget, bool(out.num_preempted))
+            if k:
+                s.draft, s.num_new_tokens = s.request.draft, s.num_new_tokens + k
+                budget -= k
 
         # Admit new work only when nothing had to be preempted: memory is tight otherwise.
         while (
@@ -132,10 +136,11 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.running.append(req)
-            (singles if n == 1 else chunks).append(ScheduledRequest(req, n))
+            scheduled.append(ScheduledRequest(req, n))
             budget -= n
 
-        out.scheduled = singles + chunks
+        out.scheduled = ([s for s in scheduled if s.num_new_tokens == 1]
+                         + [s for s in scheduled if s.num_new_tokens != 1])
         for s in out.scheduled:
             if s.samples:
                 (out.pooling if s.request.is_pooling else out.sampling).append(s.request)
@@ -183,13 +188,14 @@ class Scheduler:
             depth = max(depth, *p.layers)
         return depth if depth < self.num_layers else None
 
-    def _fit_draft(self, req: Request, n: int, budget: int) -> int:
+    def _fit_draft(self, req: Request, n: int, budget: int, tight: bool) -> int:
         """The request's draft tokens to compute this step: all of them after all of its known
         tokens, in budget and in free blocks, or none (a draft never preempts anyone)."""
         k = req.num_draft_tokens
         remaining = req.num_tokens - req.num_computed_tokens
         if k and (
-            n < remaining
+            tight
+            or n < remaining
             or n + k > budget
             or not self._grow(req, req.num_computed_tokens + n + k)
         ):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import socket
 import sys
@@ -33,7 +34,9 @@ logger = logging.getLogger(__name__)
 class Flag:
     name: str  # flag without dashes; also the YAML key (dashes or underscores)
     target: str  # "engine" | "server"
-    kind: str = "value"  # value | bool (store_true) | toggle (--x/--no-x) | list | append
+    # value | bool (store_true) | toggle (--x/--no-x) | list | append | mapping (a JSON object
+    # on the command line, a mapping in YAML)
+    kind: str = "value"
     type: Callable[[str], Any] = str
     help: str = ""
     aliases: tuple[str, ...] = ()
@@ -77,6 +80,10 @@ FLAGS = (
          "rows use int8 weights (default 2 when dtype auto chose float32; 0: never)"),
     Flag("structured-output-draft", "engine", "toggle", help="guess a grammar's next choice "
          "and compute it with the tokens forced after it in the same pass (on by default)"),
+    Flag("speculative-config", "engine", "mapping", help="speculative decoding, a JSON "
+         "object as vLLM's: {\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
+         "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2} (prompt lookup; the only "
+         "method so far; default: off)"),
     Flag("host", "server", help="address to bind"),
     Flag("port", "server", type=int, help="port to bind"),
     Flag("served-model-name", "server", "list", help="model name(s) clients use; the first "
@@ -116,7 +123,7 @@ BY_KEY = {f.name: f for f in FLAGS}
 
 # vLLM options whose features pikaserve does not have: refused by name, never ignored.
 UNSUPPORTED = (
-    "pipeline-parallel-size", "data-parallel-size", "speculative-config", "enable-lora",
+    "pipeline-parallel-size", "data-parallel-size", "enable-lora",
     "lora-modules", "max-lora-rank", "cpu-offload-gb", "swap-space", "tokenizer",
     "tokenizer-mode", "chat-template", "enable-auto-tool-choice", "tool-call-parser",
     "reasoning-parser", "load-format", "download-dir", "revision", "max-logprobs",
@@ -170,6 +177,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             p.add_argument(*names, nargs="+", default=None, help=text)
         elif f.kind == "append":
             p.add_argument(*names, action="append", dest=f.field, default=None, help=text)
+        elif f.kind == "mapping":
+            p.add_argument(*names, type=json_object, default=None, metavar="JSON", help=text)
         else:
             p.add_argument(*names, type=f.type, default=None, help=text)
     for name in UNSUPPORTED:
@@ -210,6 +219,15 @@ def _yaml_value(flag: Flag, value: Any, where: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false")
         return value
+    if flag.kind == "mapping":
+        if isinstance(value, str):
+            try:
+                return json_object(value)
+            except argparse.ArgumentTypeError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping (or a JSON object as a string)")
+        return value
     if flag.kind in ("list", "append"):
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
@@ -221,6 +239,17 @@ def _yaml_value(flag: Flag, value: Any, where: str) -> Any:
         return flag.type(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: {value!r} is not a valid {flag.type.__name__}") from None
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """A flag's value that is a JSON object, as vLLM's --speculative-config takes."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def build_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:

@@ -1,8 +1,9 @@
 """Prometheus metrics of one server app, on its own CollectorRegistry.
 
 Latency histograms and token counters are recorded by the request handlers as outputs arrive.
-Engine state (running/waiting requests, KV usage, prefix-cache and forward-pass counters) is read
-at scrape time by a collector, so the engine loop does no metrics work at all.
+Engine state (running/waiting requests, KV usage, prefix-cache, forward-pass and speculative
+decoding counters) is read at scrape time by a collector, so the engine loop does no metrics
+work at all.
 """
 
 from __future__ import annotations
@@ -66,6 +67,19 @@ class _EngineCollector(Collector):
                       "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits)
         yield counter(f"{prefix}:model_forward", "Model forward passes.",
                       stats.num_forward_passes)
+        yield counter(f"{prefix}:spec_decode_num_drafts",
+                      "Speculative proposals checked.", stats.spec_decode_num_drafts)
+        yield counter(f"{prefix}:spec_decode_num_draft_tokens",
+                      "Tokens of the speculative proposals checked.",
+                      stats.spec_decode_num_draft_tokens)
+        yield counter(f"{prefix}:spec_decode_num_accepted_tokens",
+                      "Proposed tokens accepted.", stats.spec_decode_num_accepted_tokens)
+        per_pos = CounterMetricFamily(f"{prefix}:spec_decode_num_accepted_tokens_per_pos",
+                                      "Proposed tokens accepted, by position in the proposal.",
+                                      labels=names + ["position"])
+        for pos, n in enumerate(stats.spec_decode_num_accepted_tokens_per_pos):
+            per_pos.add_metric(values + [str(pos)], n)
+        yield per_pos
 
 
 class ServerMetrics:

@@ -50,3 +50,24 @@ def test_a_draft_never_preempts_another_request():
     assert [(s.request, s.num_new_tokens, s.num_draft) for s in out.scheduled] == [
         (a, 1, 0), (b, 1, 0)]
     assert out.num_preempted == 0 and a.draft is None
+
+
+def test_a_draft_never_takes_the_block_a_later_request_needs():
+    scheduler = Scheduler(BlockPool(4, 4, True), 8, 64, True, 2)
+    a, b = running(scheduler, 7, 4)  # 8 tokens in 2 blocks; 5 tokens: b needs a 2nd block
+    a.draft = Draft([7], None)  # would take the last free block
+    out = scheduler.schedule()
+    assert [(s.request, s.num_new_tokens, s.num_draft) for s in out.scheduled] == [
+        (a, 1, 0), (b, 1, 0)]
+    assert out.num_preempted == 0 and a.draft is None
+
+
+def test_drafts_get_the_budget_left_by_every_known_token():
+    scheduler = Scheduler(BlockPool(16, 4, True), 8, 4, True, 2)  # a 4-token step budget
+    a, b = running(scheduler, 2, 2)
+    a.draft = Draft([7, 8, 9], None, verify_each=True)  # would leave b without budget
+    b.draft = Draft([7], None, verify_each=True)
+    out = scheduler.schedule()
+    assert [(s.request, s.num_new_tokens, s.num_draft) for s in out.scheduled] == [
+        (a, 1, 0), (b, 2, 1)]
+    assert a.draft is None

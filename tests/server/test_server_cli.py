@@ -86,7 +86,10 @@ def test_heads_from_flags_and_yaml(tmp_path):
 
 @pytest.mark.parametrize("text,message", [
     ("colour: blue\n", "unknown key 'colour'"),
-    ("speculative-config: x\n", "does not implement yet"),
+    ("enable-lora: true\n", "does not implement yet"),
+    ("speculative-config: [ngram]\n", "must be a mapping"),
+    ("speculative-config: '{ngram'\n", "not valid JSON"),
+    ("speculative-config: {method: eagle}\n", "method must be 'ngram'"),
     ("max-model-len: lots\n", "not a valid int"),
     ("enable-prefix-caching: 1\n", "true or false"),
     ("- a list\n", "mapping"),
@@ -98,7 +101,31 @@ def test_bad_yaml_fails_clearly(tmp_path, text, message):
         cli.build_configs(parse(["--config", str(path)]))
 
 
+def test_speculative_config_from_the_flag_and_yaml(tmp_path):
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}
+    engine, _ = cli.build_configs(parse(["--speculative-config", json.dumps(spec)]))
+    assert engine.speculative_config == spec
+    assert engine.speculative().prompt_lookup_min == 4
+    path = tmp_path / "serve.yaml"
+    path.write_text("speculative_config:\n  method: ngram\n  num_speculative_tokens: 2\n")
+    engine, _ = cli.build_configs(parse(["--config", str(path)]))
+    assert engine.speculative_config == {"method": "ngram", "num_speculative_tokens": 2}
+    path.write_text(f"speculative-config: '{json.dumps(spec)}'\n")  # JSON text works too
+    assert cli.build_configs(parse(["--config", str(path)]))[0].speculative_config == spec
+    assert cli.build_configs(parse([]))[0].speculative_config is None
+
+
+def test_speculative_config_flag_that_is_not_a_json_object(capsys):
+    for text in ("{method: ngram}", "[1, 2]"):
+        with pytest.raises(SystemExit):
+            parse(["--speculative-config", text])
+        assert "--speculative-config" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv,message", [
+    (["--speculative-config", '{"method": "draft_model", "model": "m", '
+      '"num_speculative_tokens": 3}'], "the draft_model method is not implemented yet"),
+    (["--speculative-config", '{"method": "ngram"}'], "needs num_speculative_tokens"),
     (["--tensor-parallel-size", "2"], "tensor_parallel_size=2 is not supported yet"),
     (["--quantization", "awq"], "quantization 'awq' is not supported yet"),
     (["--kv-cache-dtype", "fp8", "--device", "cpu"], "an fp8 KV cache needs a CUDA GPU"),

@@ -50,13 +50,16 @@ def params(i: int, temperature: float = 0.0) -> SamplingParams:
 def run(llm: LLM, prompts, params_list, drafts: bool, monkeypatch) -> tuple[list, int, list]:
     """Outputs, forward passes, and whether each draft computed was confirmed."""
     verdicts = []
-    confirm = drafts_mod.confirmed
+    match = drafts_mod.DraftCheck.match
 
-    def recording(req, token, draft):
-        verdicts.append(confirm(req, token, draft))
-        return verdicts[-1]
+    def recording(check):
+        first = check.matched == 0  # a grammar draft is confirmed whole in its first round
+        m = match(check)
+        if first:
+            verdicts.append(m == len(check.rows.draft.token_ids))
+        return m
 
-    monkeypatch.setattr(drafts_mod, "confirmed", recording)
+    monkeypatch.setattr(drafts_mod.DraftCheck, "match", recording)
     monkeypatch.setattr(llm.engine.config, "structured_output_draft", drafts)
     before = llm.engine.num_forward_passes
     outs = llm.generate(prompts, params_list)

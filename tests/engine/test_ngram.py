@@ -1,0 +1,121 @@
+"""Prompt lookup (engine/ngram.py): what it proposes, and where it stops."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pikaserve.config import EngineConfig
+from pikaserve.engine.ngram import NgramIndex, NgramProposer
+from pikaserve.engine.request import Request
+from pikaserve.engine.sampling_params import SamplingParams
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3,
+         "prompt_lookup_min": 1}
+
+
+def brute_force_continuation(tokens: list[int], lo: int, hi: int, k: int) -> list[int]:
+    """NgramIndex.continuation by scanning the whole list, longest n first, latest first."""
+    last = len(tokens) - 1
+    for n in range(min(hi, last), lo - 1, -1):
+        suffix = tokens[last + 1 - n :]
+        for end in range(last - 1, n - 2, -1):
+            if tokens[end + 1 - n : end + 1] == suffix:
+                out: list[int] = []
+                for src in range(end + 1, end + 1 + k):
+                    out.append(tokens[src] if src <= last else out[src - last - 1])
+                return out
+    return []
+
+
+@pytest.mark.parametrize("tokens,lo,hi,want", [
+    ([1, 2, 3, 4, 1, 2, 3], 1, 3, [4, 1, 2]),
+    ([1, 2, 9, 1, 2, 8, 1, 2], 2, 2, [8, 1, 2]),  # the latest occurrence
+    ([5, 1, 2, 7, 3, 1, 2, 8, 5, 1, 2], 1, 3, [7, 3, 1]),  # the longest n first
+    ([5, 1, 2, 7, 3, 1, 2, 8, 5, 1, 2], 1, 2, [8, 5, 1]),
+    ([1, 2, 3], 1, 3, []),
+    ([4, 4, 4], 1, 2, [4, 4, 4]),  # copies on from an occurrence that runs into the end
+    ([7, 1, 2, 7, 1], 2, 2, [2, 7, 1]),
+    ([7, 1, 2, 7, 1], 3, 3, []),
+])
+def test_continuation(tokens, lo, hi, want):
+    assert NgramIndex(lo, hi).continuation(tokens, 3) == want
+
+
+def test_the_index_grows_with_the_tokens():
+    rng = random.Random(0)
+    for _ in range(50):
+        lo = rng.randint(1, 3)
+        hi = rng.randint(lo, 4)
+        index = NgramIndex(lo, hi)
+        tokens = [rng.randrange(4) for _ in range(rng.randint(1, 5))]
+        for _ in range(40):
+            assert index.continuation(tokens, 4) == brute_force_continuation(tokens, lo, hi, 4)
+            tokens += [rng.randrange(4) for _ in range(rng.randint(1, 3))]
+
+
+def request(prompt: list[int], output: list[int], **params) -> Request:
+    req = Request("r", prompt, SamplingParams(**params), None, frozenset())
+    req.append_tokens(output)
+    return req
+
+
+def test_proposals_are_cut_to_max_tokens_and_the_context():
+    proposer = NgramProposer(EngineConfig(speculative_config=NGRAM).speculative(), 20)
+    prompt = [1, 2, 3, 4, 5, 6, 7, 1, 2, 3]
+    draft = proposer.propose(request(prompt, [], max_tokens=None), 1)
+    assert draft is not None and draft.token_ids == [4, 5, 6, 7] and draft.verify_each
+    # the row after the last proposed token samples one more, so room is left for it
+    assert proposer.propose(request(prompt, [], max_tokens=3), 1).token_ids == [4, 5]
+    assert proposer.propose(request(prompt, [], max_tokens=1), 1) is None
+    assert proposer.propose(request(prompt, [4] * 7, max_tokens=9), 1).token_ids == [4]
+    assert proposer.propose(request(prompt, [4, 5, 6], max_tokens=None), 1).token_ids == [
+        7, 1, 2, 3]
+    assert proposer.propose(request(prompt, [4, 5, 6, 7, 1, 2, 3, 4], max_tokens=None), 1
+                            ).token_ids == [5]  # the context ends after it
+    assert proposer.propose(request(prompt, [4, 5, 6, 7, 1, 2, 3, 4, 5], max_tokens=None), 1) is None
+
+
+def test_constrained_and_finished_requests_get_no_proposal():
+    proposer = NgramProposer(EngineConfig(speculative_config=NGRAM).speculative(), 100)
+    req = request([1, 2, 1], [], max_tokens=None)
+    req.constraint = object()  # any grammar: it makes drafts of its own
+    assert proposer.propose(req, 1) is None
+    req = request([1, 2, 1], [], max_tokens=None)
+    req.finish_reason = "stop"
+    assert proposer.propose(req, 1) is None
+
+
+def test_no_proposals_past_disable_by_batch_size():
+    proposer = NgramProposer(EngineConfig(speculative_config={**NGRAM, "disable_by_batch_size": 3}).speculative(), 100)
+    prompt = [1, 2, 3, 4, 5, 6, 7, 1, 2, 3]
+    assert proposer.propose(request(prompt, [], max_tokens=None), 3) is not None
+    assert proposer.propose(request(prompt, [], max_tokens=None), 4) is None
+
+
+def test_poorly_accepted_proposals_back_off_and_good_ones_reset():
+    proposer = NgramProposer(EngineConfig(speculative_config=NGRAM).speculative(), 100)
+    req = request([1, 2, 3, 4, 5, 6, 7, 1, 2, 3], [], max_tokens=None)
+
+    def steps_until_the_next_proposal() -> int:
+        skipped = 0
+        while proposer.propose(req, 1) is None:
+            skipped += 1
+        return skipped
+
+    assert proposer.propose(req, 1) is not None
+    req.proposal_state.checked(1, 4)  # average (1 + 1/4) / 2: still above MIN_ACCEPTANCE
+    assert steps_until_the_next_proposal() == 0
+    waits = []
+    for _ in range(6):
+        req.proposal_state.checked(0, 4)  # the proposal just made: wholly rejected
+        waits.append(steps_until_the_next_proposal())
+    assert waits == [1, 2, 4, 8, 16, 16]
+    for _ in range(3):  # wholly accepted: the average is back above it (0.5, 0.75, 0.875)
+        req.proposal_state.checked(4, 4)
+    assert steps_until_the_next_proposal() == 0
+    req.proposal_state.checked(0, 4)
+    assert steps_until_the_next_proposal() == 0  # one miss after good ones does not wait yet
+    req.proposal_state.checked(0, 4)
+    assert steps_until_the_next_proposal() == 1  # the backoff starts over
