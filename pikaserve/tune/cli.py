@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pikaserve.bench.cli import NEEDS_EXTRA
-from pikaserve.bench.config import ENDPOINTS
+from pikaserve.bench.config import ENDPOINTS, PIKA_SCHEMA_FORMS
 from pikaserve.bench.schedule import Arrival
 
 if TYPE_CHECKING:
@@ -62,6 +62,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    "(metrics: ttft, tpot, itl, e2e; p defaults to 99); a failed or invalid answer misses it")
     g.add_argument("--workload", default="pika", help="pika | random | prefix-repetition | FILE.jsonl (one request body per line)")
     g.add_argument("--endpoint", choices=list(ENDPOINTS), default="chat", help="chat or completions")
+    g.add_argument("--pika-schema", choices=PIKA_SCHEMA_FORMS, default="json_schema", help="pika: how the answer "
+                   "schema is sent (json_object for llama-cpp-python's server); answers are checked either way")
     g.add_argument("--warmup", type=int, default=4, help="requests to every new server before measuring")
     g.add_argument("--arrival", choices=[a.value for a in Arrival], default=Arrival.POISSON.value, help="open-loop arrivals of the rate search")
     g.add_argument("--seed", type=int, default=0, help="seed of arrivals and random prompts")
@@ -119,7 +121,8 @@ def config_from_args(args: argparse.Namespace) -> TuneConfig:
         knobs=knobs,
         slo=parse_slo(args.slo),
         output_dir=args.out or Path("tune-results") / datetime.now().strftime("%Y%m%d-%H%M%S"),
-        workload=WorkloadSpec(name, dataset, args.endpoint, Arrival(args.arrival), args.seed, args.warmup, args.request_timeout),
+        workload=WorkloadSpec(name, dataset, args.endpoint, Arrival(args.arrival), args.seed, args.warmup,
+                              args.request_timeout, args.pika_schema),
         search=SearchSettings(
             probe_requests=args.probe_requests, unloaded_requests=args.unloaded_requests,
             capacity_concurrency=args.capacity_concurrency, max_probe_s=args.max_probe_seconds,

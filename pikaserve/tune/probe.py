@@ -29,12 +29,13 @@ class WorkloadSpec:
     seed: int = 0
     warmup: int = 4  # requests before the first probe of every server, not measured
     timeout_s: float = 60.0
+    pika_schema: str = "json_schema"  # how the Pika answer schema is sent (bench's PIKA_SCHEMA_FORMS)
 
     def bench_config(self, url: str, point: LoadPoint, requests: int, slo: SloSpec, first_index: int, warmup: int) -> BenchConfig:
         return BenchConfig(
             urls=(url,), endpoint=self.endpoint, workload=self.name, dataset=self.dataset, points=(point,),
             arrival=self.arrival, seed=self.seed, num_requests=requests, warmup=warmup, first_index=first_index,
-            timeout_s=self.timeout_s, slos=slo.slos, plots=False, progress=False,
+            timeout_s=self.timeout_s, slos=slo.slos, pika_schema=self.pika_schema, plots=False, progress=False,
         )
 
     def check_supply(self, requests: int) -> None:

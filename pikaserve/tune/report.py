@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from pikaserve.machine import describe_machine
 from pikaserve.tune.search import Probe
-from pikaserve.tune.space import display_name
+from pikaserve.tune.space import display_name, show_value
 from pikaserve.tune.tuner import ConfigResult, TuneConfig, ranked, settings_yaml
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ def knob_effects(config: TuneConfig, results: list[ConfigResult]) -> list[KnobEf
         rows: dict[str, list[ConfigResult]] = {}
         for r in results:
             if r.status != "not-run" and name in r.settings:
-                rows.setdefault(_text(r.settings[name]), []).append(r)
+                rows.setdefault(show_value(r.settings[name]), []).append(r)
         if len(rows) > 1:
             effects.append(KnobEffect(name, {value: _value_effect(rs) for value, rs in rows.items()}))
     return sorted(effects, key=lambda e: (-e.spread[1], -e.spread[0]))
@@ -108,8 +108,7 @@ def _value_effect(results: list[ConfigResult]) -> ValueEffect:
     )
 
 
-def _text(value: Any) -> str:
-    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
 
 
 def _probe_summary(probe: Probe | None, metric: str = "e2e") -> dict[str, float | None]:
@@ -127,7 +126,7 @@ def result_row(rank: int, r: ConfigResult) -> dict[str, Any]:
         "max_rate": r.max_rate, "capacity": r.capacity,
         **_probe_summary(probe, "ttft"), **_probe_summary(probe, "e2e"),
         "unloaded_e2e_p50_ms": unloaded.latency_ms.get("e2e", {}).get("p50") if unloaded is not None else None,
-        "ready_s": r.ready_s, "detail": r.detail, **{f"knob:{k}": _text(v) for k, v in r.settings.items()},
+        "ready_s": r.ready_s, "detail": r.detail, **{f"knob:{k}": show_value(v) for k, v in r.settings.items()},
     }
 
 
@@ -141,7 +140,7 @@ def write_reports(config: TuneConfig, results: list[ConfigResult], started_at: s
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": describe_machine(),
         "slo": str(config.slo),
-        "space": {display_name(k.name): [_text(v) for v in k.values] for k in config.knobs},
+        "space": {display_name(k.name): [show_value(v) for v in k.values] for k in config.knobs},
         **config.context,
         "budget_s": config.budget_s,
         "best": best.label if best is not None else None,

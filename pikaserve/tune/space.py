@@ -68,9 +68,28 @@ def parse_slo(text: str) -> SloSpec:
     return SloSpec(parse_slos(",".join(limits)), percentile)
 
 
+def split_values(text: str) -> list[str]:
+    """'8,16' -> ['8', '16']; commas inside {}, [] or quotes stay (a YAML mapping is one value:
+    'null,{method: ngram, num_speculative_tokens: 4}')."""
+    values, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            values.append(text[start:i])
+            start = i + 1
+    return [v.strip() for v in [*values, text[start:]]]
+
+
 def _split(item: str) -> tuple[str, list[str]]:
     name, sep, values = item.partition("=")
-    texts = [v.strip() for v in values.split(",")]
+    texts = split_values(values)
     if not sep or not name.strip() or not all(texts):
         raise ValueError(f"bad --space item {item!r}: expected KNOB=VALUE[,VALUE...], e.g. max_num_seqs=8,32")
     return name.strip(), texts
@@ -141,7 +160,7 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        text = " ".join(f"{display_name(k)}={_show(v)}" for k, v in self.settings)
+        text = " ".join(f"{display_name(k)}={show_value(v)}" for k, v in self.settings)
         return f"default ({text})" if self.is_default and text else "default" if self.is_default else text
 
     def as_dict(self) -> dict[str, Any]:
@@ -159,7 +178,9 @@ def display_name(knob: str) -> str:
     return knob.replace("-", "_")
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(",", ":"))
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 

@@ -10,6 +10,7 @@ import yaml
 
 from pikaserve.cli import main
 from pikaserve.server.cli import load_yaml
+from pikaserve.bench.config import LoadPoint
 from pikaserve.tune.probe import WorkloadSpec
 from pikaserve.tune.space import parse_pikaserve_space, parse_slo
 from pikaserve.tune.tuner import TuneConfig
@@ -48,3 +49,9 @@ def test_a_send_once_workload_that_cannot_last_one_config_is_refused_before_any_
     spec.check_supply(500)  # ~1,880 Pika turns
     with pytest.raises(ValueError, match="sends each once"):
         spec.check_supply(5000)
+
+
+def test_the_pika_schema_form_reaches_every_probe():
+    spec = WorkloadSpec("pika", pika_schema="json_object")
+    config = spec.bench_config("http://127.0.0.1:1", LoadPoint(), 8, parse_slo("e2e=1s"), 16, 0)
+    assert config.pika_schema == "json_object" and config.first_index == 16 and config.num_requests == 8

@@ -36,6 +36,13 @@ def test_pikaserve_space_takes_yaml_values_of_serve_settings():
         ("max-num-seqs", (8, 32)), ("enable-prefix-caching", (True, False)), ("dtype", ("bfloat16", "float32"))]
 
 
+def test_a_mapping_value_keeps_its_commas():
+    (knob,) = parse_pikaserve_space(["speculative_config=null,{method: ngram, num_speculative_tokens: 4}"])
+    assert knob.values == (None, {"method": "ngram", "num_speculative_tokens": 4})
+    labels = [c.label for c in candidates((knob,), template=False)]
+    assert labels == ["default (speculative_config=null)", 'speculative_config={"method":"ngram","num_speculative_tokens":4}']
+
+
 @pytest.mark.parametrize("items, message", [
     (["max_num_seqs"], "expected KNOB=VALUE"),
     (["max_num_seqs=8,"], "expected KNOB=VALUE"),
