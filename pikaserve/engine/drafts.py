@@ -95,7 +95,7 @@ class SpecDecodeCounters:
             self.accepted_per_pos[i] += 1
 
 
-def propose(req: Request, max_model_len: int) -> None:
+def propose_grammar_draft(req: Request, max_model_len: int) -> None:
     """Gives a running constrained request a grammar draft for its next pass, when its grammar
     has one worth computing and it stays inside the context."""
     if req.finish_reason is not None or req.constraint is None or req.constraint.is_finished:

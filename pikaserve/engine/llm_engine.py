@@ -14,9 +14,8 @@ from collections.abc import Sequence
 import torch
 
 from pikaserve.config import ConfigError, EngineConfig
-from pikaserve.engine import drafts as drafts_mod
 from pikaserve.engine.constraint import Constraint, Draft
-from pikaserve.engine.drafts import DraftCheck, SpecDecodeCounters, StepLogits
+from pikaserve.engine.drafts import DraftCheck, SpecDecodeCounters, StepLogits, propose_grammar_draft
 from pikaserve.engine.detokenizer import IncrementalDetokenizer
 from pikaserve.kv.kv_cache import allocate_kv_cache
 from pikaserve.engine.model_runner import ModelRunner
@@ -287,7 +286,7 @@ class LLMEngine:
             return
         if req.constraint is not None:
             if self.config.structured_output_draft and self.config.structured_output_fast_forward:
-                drafts_mod.propose(req, self.max_model_len)
+                propose_grammar_draft(req, self.max_model_len)
         elif self.proposer is not None:
             req.draft = self.proposer.propose(req, len(self.scheduler.running))
 

@@ -108,9 +108,6 @@ def _value_effect(results: list[ConfigResult]) -> ValueEffect:
     )
 
 
-
-
-
 def _probe_summary(probe: Probe | None, metric: str = "e2e") -> dict[str, float | None]:
     lat = probe.latency_ms.get(metric, {}) if probe is not None else {}
     return {f"{metric}_p50_ms": lat.get("p50"), f"{metric}_p99_ms": lat.get("p99")}
@@ -182,7 +179,8 @@ def print_report(config: TuneConfig, results: list[ConfigResult], console: Conso
     table = Table(title=f"pikaserve tune: goodput under {config.slo}")
     for column in ("#", "config", "status", "goodput req/s", "max rate req/s", "capacity req/s", "e2e p99 ms", "ready s"):
         table.add_column(column, justify="left" if column in ("config", "status") else "right")
-    for i, r in enumerate(ranked(results)):
+    order = ranked(results)
+    for i, r in enumerate(order):
         e2e = _probe_summary(best_probe(r))["e2e_p99_ms"]
         table.add_row(
             str(i + 1), r.label, r.status,
@@ -190,7 +188,7 @@ def print_report(config: TuneConfig, results: list[ConfigResult], console: Conso
             "-" if e2e is None else f"{e2e:.0f}", "-" if r.ready_s is None else f"{r.ready_s:.1f}",
         )
     console.print(table)
-    for r in ranked(results):
+    for r in order:
         console.print(f"{r.label}: {r.detail}", markup=False, highlight=False)
     if (best := best_config(results)) is not None:
         how = "searched twice" if best.searches > 1 else "searched once"

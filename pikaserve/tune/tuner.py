@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import yaml
 
@@ -79,11 +79,15 @@ class ConfigResult:
         """The open-loop probes at which the SLO held."""
         return [p for p in self.probes if p.kind == "rate" and p.passed]
 
+    def _best_per_search(self, value: Callable[[Probe], float]) -> list[float]:
+        """Per search, the highest `value` of the rates that held (0.0: none held)."""
+        return [max((value(p) for p in self.held if p.search == s), default=0.0) for s in range(self.searches)]
+
     @property
     def goodputs(self) -> list[float]:
         """Per search: the best goodput of the rates that held (the unloaded and capacity
         probes only bound the search)."""
-        return [max((p.goodput for p in self.held if p.search == s), default=0.0) for s in range(self.searches)]
+        return self._best_per_search(lambda p: p.goodput)
 
     @property
     def goodput(self) -> float:
@@ -93,7 +97,7 @@ class ConfigResult:
     @property
     def max_rate(self) -> float:
         """The highest rate that held, mean over the config's searches."""
-        return statistics.fmean(max((p.load for p in self.held if p.search == s), default=0.0) for s in range(self.searches))
+        return statistics.fmean(self._best_per_search(lambda p: p.load))
 
     @property
     def capacity(self) -> float | None:
