@@ -7,7 +7,7 @@
 # There, `python3` is the Python that holds torch (there may be no `python`); the carried
 # wheels go to /tmp/site, on PYTHONPATH, leaving the machine's own packages as they are.
 # Budget: ~6 minutes on one H100/H200 (tests <= 4, benchmark <= 5, each under its own timeout).
-# Results go to benchmarks/results/gpu/ (and are copied to $OUT when that is set, as the
+# Results go to benchmarks/results/gpu/ (and to $OUT after each step when that is set, as the
 # device runner does). A failing step is recorded and the next one still runs.
 #
 # `check.sh --smoke` checks the script itself on a CPU (CUDA tests skip, the benchmark runs a
@@ -21,6 +21,14 @@ if [ "${1:-}" = "--smoke" ]; then
     SMOKE=(--smoke)
 fi
 mkdir -p "$RESULTS"
+# The device runner brings back at most 8 files from $OUT, and nothing if the whole command is
+# stopped: after each step, the small summaries as they are and everything in one tarball.
+save() {
+    if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
+        cp "$RESULTS"/*.txt "$RESULTS"/*.json "$OUT/" 2>/dev/null
+        tar czf "$OUT/gpu_results.tgz" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")"
+    fi
+}
 PY=$(command -v python3 || command -v python)
 export PYTHONUNBUFFERED=1
 
@@ -41,13 +49,19 @@ print('transformers', transformers.__version__)"
     git rev-parse HEAD 2>/dev/null || true
 } > "$RESULTS/machine.txt" 2>&1
 cat "$RESULTS/machine.txt"
+save
 
 # 1. Correctness on the GPU: transformers on CUDA (fp32, fp16, bf16), graphs vs eager,
 #    scheduling equivalence, the kernels against torch, the device sampler.
-timeout 240 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" \
+#    A test that hangs is stopped after 90 s (pytest-timeout, where the machine has it) so the
+#    others still run; the slowest are listed to keep the check inside its budget.
+PER_TEST=()
+"$PY" -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout 90)
+timeout 240 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" --durations 15 "${PER_TEST[@]}" \
     tests/cuda tests/attention tests/kernels tests/engine/test_triton_engine.py \
     tests/engine/test_sampler.py tests/engine/test_reference.py 2>&1 | tee "$RESULTS/tests.txt"
 tests_rc=${PIPESTATUS[0]}
+save
 
 # 2. Timing: Pika offline and over HTTP (1, 64, 256 clients), batch-1 decode, transformers.
 timeout 300 "$PY" benchmarks/gpu/bench_gpu.py --out "$RESULTS" "${SMOKE[@]}" 2>&1 \
@@ -55,7 +69,5 @@ timeout 300 "$PY" benchmarks/gpu/bench_gpu.py --out "$RESULTS" "${SMOKE[@]}" 2>&
 bench_rc=${PIPESTATUS[0]}
 
 echo "tests exit $tests_rc, benchmark exit $bench_rc" | tee -a "$RESULTS/machine.txt"
-if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
-    cp -r "$RESULTS" "$OUT/"
-fi
+save
 [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
