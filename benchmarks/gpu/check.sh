@@ -6,7 +6,8 @@
 # from anywhere:  bash benchmarks/gpu/check.sh
 # There, `python3` is the Python that holds torch (there may be no `python`); the carried
 # wheels go to /tmp/site, on PYTHONPATH, leaving the machine's own packages as they are.
-# Budget: ~6 minutes on one H100/H200 (tests <= 4, benchmark <= 5, each under its own timeout).
+# Budget: ~6 minutes on one H100/H200 (tests <= 4, benchmark <= 5, each under its own timeout;
+# TESTS_TIMEOUT and BENCH_TIMEOUT, in seconds, change them; BENCH_ARGS goes to bench_gpu.py).
 # Results go to benchmarks/results/gpu/ (and to $OUT after each step when that is set, as the
 # device runner does). A failing step is recorded and the next one still runs.
 #
@@ -45,7 +46,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
     nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv || true
     "$PY" -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0]); \
 print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); \
-print('transformers', transformers.__version__)"
+print('transformers', transformers.__version__); \
+import importlib.metadata as m; print('llguidance', m.version('llguidance'))"
     git rev-parse HEAD 2>/dev/null || true
 } > "$RESULTS/machine.txt" 2>&1
 cat "$RESULTS/machine.txt"
@@ -57,14 +59,14 @@ save
 #    others still run; the slowest are listed to keep the check inside its budget.
 PER_TEST=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout 90)
-timeout 240 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" --durations 15 "${PER_TEST[@]}" \
+timeout "${TESTS_TIMEOUT:-240}" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" --durations 15 "${PER_TEST[@]}" \
     tests/cuda tests/attention tests/kernels tests/engine/test_triton_engine.py \
     tests/engine/test_sampler.py tests/engine/test_reference.py 2>&1 | tee "$RESULTS/tests.txt"
 tests_rc=${PIPESTATUS[0]}
 save
 
 # 2. Timing: Pika offline and over HTTP (1, 64, 256 clients), batch-1 decode, transformers.
-timeout 300 "$PY" benchmarks/gpu/bench_gpu.py --out "$RESULTS" "${SMOKE[@]}" 2>&1 \
+timeout "${BENCH_TIMEOUT:-300}" "$PY" benchmarks/gpu/bench_gpu.py --out "$RESULTS" "${SMOKE[@]}" ${BENCH_ARGS:-} 2>&1 \
     | tee "$RESULTS/bench.txt"
 bench_rc=${PIPESTATUS[0]}
 

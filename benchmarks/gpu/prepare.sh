@@ -11,9 +11,10 @@ rm -rf wheels && mkdir -p wheels
 # What pikaserve imports that the GPU machine lacks, with their own dependencies.
 python -m pip download --quiet --dest wheels --only-binary=:all: \
     --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 --platform any \
-    llguidance gguf "pydantic>=2" starlette uvicorn prometheus_client rich jsonschema pyyaml jinja2
+    --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
+    "llguidance>=1.7" gguf "pydantic>=2" starlette uvicorn prometheus_client rich jsonschema \
+    pyyaml jinja2
 # Keep only what the GPU machine's image lacks (device/KINDS.md lists what it has); its own
 # copies of the rest (anyio, click, h11, rich, pyyaml, jinja2, ...) stand. typing_extensions
 # travels too: pydantic needs a recent one. Versions are the ones resolved together above.
