@@ -48,7 +48,6 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); \
 print('transformers', transformers.__version__); \
 import importlib.metadata as m; print('llguidance', m.version('llguidance'))"
-    git rev-parse HEAD 2>/dev/null || true
 } > "$RESULTS/machine.txt" 2>&1
 cat "$RESULTS/machine.txt"
 save
