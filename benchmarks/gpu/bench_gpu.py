@@ -11,6 +11,7 @@ when another fails:
   offline_load     the engine alone under 64 and 256 clients (closed loop: a finished request
                    is replaced at once), req/s and latency percentiles, no HTTP in the way
   decode           batch-1 decode speed of a 128-token plain completion, eager vs graphs
+  graph_replay     the GPU time of one captured pass of 1, 8, 64 and 256 tokens alone
   server           the same Pika requests through `pikaserve serve` over HTTP (pikaserve
                    bench), eager vs graphs side by side: 1, 64 and 256 clients
   transformers     Hugging Face generate on the same weights and GPU, for reference
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 import statistics
 import sys
@@ -161,6 +163,38 @@ def decode(model: Path, device: str) -> dict:
     return result
 
 
+def graph_replay(model: Path, device: str) -> dict:
+    """The GPU's own time for one captured pass per step size (CUDA events around replays of
+    the graph, no host work between them): a step's wall time minus this is the host's share."""
+    if device != "cuda":
+        return {"skipped": "needs CUDA graphs"}
+    llm = LLM(str(model), device=device, max_num_seqs=256, kv_cache_memory_bytes=KV_BYTES)
+    graphs = llm.engine.runner.graphs
+    rng = random.Random(0)
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    result = {}
+    for size in (1, 8, 64, 256):
+        if size not in graphs.graphs:
+            continue
+        # a real decode step of `size` rows over ~400-token contexts (Pika's) leaves its
+        # inputs in the graph's buffers, so the replays attend over real lengths
+        prompts = [[rng.randrange(100, 40000) for _ in range(400)] for _ in range(size)]
+        llm.generate(prompts, params)
+        graph = graphs.graphs[size]
+        for _ in range(10):
+            graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(100):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        result[f"{size} tokens"] = {"ms_per_replay": start.elapsed_time(end) / 100}
+    del llm
+    sync(device)
+    return result
+
+
 def server(model: Path, out: Path, n: int, device: str, concurrency: str) -> dict:
     from pikaserve.bench.cli import main as bench_main
 
@@ -236,6 +270,7 @@ def main() -> int:
     sections = (("offline_pika", lambda: offline_pika(model, args.offline_n, device)),
                 ("offline_load", lambda: offline_load(model, device, levels, load_n)),
                 ("decode", lambda: decode(model, device)),
+                ("graph_replay", lambda: graph_replay(model, device)),
                 ("server", lambda: server(model, args.out, args.server_n, device, concurrency)),
                 ("transformers", lambda: transformers_reference(model, device, runs)))
     for name, run in sections:
