@@ -6,6 +6,7 @@ from functools import cached_property
 from typing import Any
 
 from pikaserve.errors import InvalidRequestError
+from pikaserve.model.segment_encoder import SegmentEncoder
 
 
 class Tokenizer:
@@ -22,6 +23,8 @@ class Tokenizer:
             t.content for t in getattr(hf_tokenizer, "added_tokens_decoder", {}).values()
             if getattr(t, "special", False)
         ) or tuple(getattr(hf_tokenizer, "all_special_tokens", ()))
+        self._segments = SegmentEncoder.for_tokenizer(hf_tokenizer)
+        self._raw_decode = _raw_decoder(hf_tokenizer)
 
     @cached_property
     def max_token_chars(self) -> int:
@@ -30,6 +33,8 @@ class Tokenizer:
         return max(map(len, self.hf.get_vocab()))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not add_special_tokens and self._segments is not None:
+            return self._segments.encode(text)  # a chat's system prompt: cached
         return self.hf.encode(text, add_special_tokens=add_special_tokens)
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -38,6 +43,8 @@ class Tokenizer:
         return enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        if self._raw_decode is not None:  # twice per generated token: skip the Python wrapper
+            return self._raw_decode(token_ids, skip_special_tokens=skip_special_tokens)
         return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
@@ -75,3 +82,16 @@ class Tokenizer:
         ids += self.encode(text[pos:], add_special_tokens=False)
         prefix = self.encode("", add_special_tokens=True) if add_special_tokens else []
         return prefix + ids
+
+
+def _raw_decoder(hf: Any) -> Any:
+    """The Rust tokenizer's own decode where transformers' decode returns exactly its text:
+    when it cleans up no spaces (off, or skipped for BPE as transformers 5 does)."""
+    backend = getattr(hf, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    skipped_for_bpe = (type(backend.model).__name__ == "BPE" and getattr(
+        hf, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", None) is False)
+    if getattr(hf, "clean_up_tokenization_spaces", False) and not skipped_for_bpe:
+        return None
+    return backend.decode
