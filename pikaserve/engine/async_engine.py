@@ -94,11 +94,11 @@ class AsyncEngine:
         self.engine.check_request(token_ids, params)  # raises InvalidRequestError here
         if (constraint is None and isinstance(params, SamplingParams)
                 and params.structured_outputs is not None):
-            # Compiled on a grammar thread: a bad schema raises InvalidRequestError here, and
-            # the engine loop never compiles (a request without a grammar skips the hop).
-            from pikaserve.structured import compile_off_thread
+            # A new grammar is compiled on a grammar thread: a bad schema raises
+            # InvalidRequestError here, and the engine loop never compiles.
+            from pikaserve.structured import constraint_off_loop
 
-            constraint = await compile_off_thread(self.engine.constraint_for, params)
+            constraint = await constraint_off_loop(params.structured_outputs, self.tokenizer)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._inbox.put(_Add(request_id, token_ids, params, constraint, stream))
         finished = False

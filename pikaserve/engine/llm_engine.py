@@ -156,8 +156,8 @@ class LLMEngine:
 
     def constraint_for(self, params: SamplingParams | PoolingParams) -> Constraint | None:
         """The request's structured-output matcher (compiled grammars are cached), or None;
-        InvalidRequestError for a bad schema or grammar. The one place constraints are built:
-        callers that must not wait (the event loop) run it on the grammar threads."""
+        InvalidRequestError for a bad schema or grammar. Callers that must not wait (an event
+        loop) use structured.constraint_off_loop, which compiles on the grammar threads."""
         if not isinstance(params, SamplingParams) or params.structured_outputs is None:
             return None
         from pikaserve.structured import build_constraint

@@ -1,7 +1,8 @@
 """Structured output: JSON Schema, regex, choice and Lark grammars via llguidance.
 
 `build_constraint(params, tokenizer)` compiles (with a cache) and returns a per-request
-GrammarMatcher, the engine's Constraint; `compile_off_thread` runs it on the grammar threads.
+GrammarMatcher, the engine's Constraint; `constraint_off_loop` is the same for an event loop
+(a new grammar compiles on the grammar threads).
 See docs/structured_output.md.
 """
 
@@ -12,6 +13,7 @@ from pikaserve.structured.compiler import (
     build_constraint,
     canonical_spec,
     compile_off_thread,
+    constraint_off_loop,
     get_compiler,
     warm_up,
 )
@@ -27,6 +29,7 @@ __all__ = [
     "build_constraint",
     "canonical_spec",
     "compile_off_thread",
+    "constraint_off_loop",
     "get_compiler",
     "warm_up",
 ]

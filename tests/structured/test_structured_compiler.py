@@ -117,3 +117,33 @@ def test_async_compile_runs_on_a_worker_thread(tiny_tokenizer, monkeypatch):
 
     assert asyncio.run(main()).forced_tokens() == []
     assert threads and all(t is not threading.main_thread() for t in threads)
+
+
+def test_a_compiled_grammar_skips_the_thread_hop(tiny_tokenizer, monkeypatch):
+    """constraint_off_loop compiles a new grammar on the grammar threads once; later requests
+    with that grammar (and a cached bad one) are answered on the loop, without a hop."""
+    from pikaserve.structured import compiler
+
+    hops = []
+    real = compiler.compile_off_thread
+
+    async def counting(fn, *args):
+        hops.append(args)
+        return await real(fn, *args)
+
+    monkeypatch.setattr(compiler, "compile_off_thread", counting)
+    good, bad = S(regex="[0-9]{4}"), S(regex="[0-9")
+
+    async def main():
+        first = await compiler.constraint_off_loop(good, tiny_tokenizer)
+        second = await compiler.constraint_off_loop(good, tiny_tokenizer)
+        for _ in range(2):
+            with pytest.raises(InvalidRequestError):
+                await compiler.constraint_off_loop(bad, tiny_tokenizer)
+        return first, second
+
+    first, second = asyncio.run(main())
+    assert len(hops) == 2  # one per new spec
+    assert first is not second  # each request gets its own matcher
+    first.accept(tiny_tokenizer.encode("1", add_special_tokens=False))  # not seen by second
+    assert second.allowed_tokens() == compiler.build_constraint(good, tiny_tokenizer).allowed_tokens()
