@@ -13,10 +13,13 @@ normalized, no lstrip/rstrip/single-word rules). Other tokenizers encode whole t
 from __future__ import annotations
 
 import re
+from array import array
 from typing import Any
 
-MAX_ENTRIES = 4096
-MAX_CACHED_CHARS = 16384  # a longer piece (a long user message) is encoded, not kept
+# At most ~50 MB however clients vary their messages: pieces kept as compact int arrays, and a
+# piece longer than a long system prompt (a pasted document, say) is encoded, not kept.
+MAX_ENTRIES = 1024
+MAX_CACHED_CHARS = 16384
 
 
 class SegmentEncoder:
@@ -26,7 +29,7 @@ class SegmentEncoder:
         # longest first: the leftmost-longest match the tokenizer's own splitter makes
         alternatives = sorted(added, key=len, reverse=True)
         self._pattern = re.compile("|".join(map(re.escape, alternatives)))
-        self._cache: dict[str, list[int]] = {}
+        self._cache: dict[str, array] = {}
 
     @classmethod
     def for_tokenizer(cls, hf: Any) -> SegmentEncoder | None:
@@ -57,12 +60,13 @@ class SegmentEncoder:
             ids += self._piece(text[pos:])
         return ids
 
-    def _piece(self, piece: str) -> list[int]:
+    def _piece(self, piece: str) -> array | list[int]:
         ids = self._cache.get(piece)
-        if ids is None:
-            ids = self._backend.encode(piece, add_special_tokens=False).ids
-            if len(piece) <= MAX_CACHED_CHARS:
-                if len(self._cache) >= MAX_ENTRIES:
-                    self._cache.clear()
-                self._cache[piece] = ids
-        return ids
+        if ids is not None:
+            return ids
+        encoded = self._backend.encode(piece, add_special_tokens=False).ids
+        if len(piece) <= MAX_CACHED_CHARS:
+            if len(self._cache) >= MAX_ENTRIES:
+                self._cache.clear()
+            self._cache[piece] = array("l", encoded)
+        return encoded

@@ -186,19 +186,19 @@ def test_several_samples_of_one_prompt(llm):
 
 
 def test_async_streaming_compiles_off_the_loop(llm, monkeypatch):
-    import pikaserve.structured
+    from pikaserve.structured.compiler import GrammarCompiler
 
     threads = []
-    real = pikaserve.structured.build_constraint
+    real = GrammarCompiler._build
 
-    def recording(params, tokenizer):
+    def recording(self, spec):
         threads.append(threading.current_thread().name)
-        return real(params, tokenizer)
+        return real(self, spec)
 
-    # where LLMEngine.constraint_for, the one place constraints are built, finds it
-    monkeypatch.setattr(pikaserve.structured, "build_constraint", recording)
+    monkeypatch.setattr(GrammarCompiler, "_build", recording)  # every compile, wherever
     turn = pika_turns()[11]
-    want = llm.generate([pika_messages(turn)], pika())[0]
+    want = llm.generate([pika_messages(turn)], pika())[0]  # Pika's schema compiled by now
+    offline = len(threads)
     engine = AsyncEngine(engine=llm.engine)
     ids = llm.prompt_token_ids(pika_messages(turn))
 
@@ -221,10 +221,9 @@ def test_async_streaming_compiles_off_the_loop(llm, monkeypatch):
         assert [t for o in chunks for t in o.new_token_ids] == want.token_ids
         assert chunks[-1].finished and chunks[-1].finish_reason == "stop"
     assert len(b[-1].new_token_ids) + sum(len(o.new_token_ids) for o in b[:-1]) <= 8
-    # the offline generate() above compiled on the main thread; the async path on the grammar
-    # threads, never on the engine's loop
-    assert "pikaserve-engine" not in threads
-    assert sum(t.startswith("pikaserve-grammar") for t in threads) == 3
+    # the async path compiled only the new (bad) schema, on a grammar thread, never on the
+    # engine's loop, and reused the compiled Pika grammar for "a" and "c"
+    assert len(threads) == offline + 1 and threads[-1].startswith("pikaserve-grammar")
     assert llm.engine.pool_is_idle()
 
 
