@@ -9,7 +9,8 @@ when another fails:
   offline_pika     the Pika request (system prompt warm in the prefix cache, JSON schema,
                    temperature 0) through the Python API, one at a time, eager vs CUDA graphs
   offline_load     the engine alone under 64 and 256 clients (closed loop: a finished request
-                   is replaced at once), req/s and latency percentiles, no HTTP in the way
+                   is replaced at once), req/s and latency percentiles, no HTTP in the way;
+                   graphs and eager, with how many passes replayed a graph
   decode           batch-1 decode speed of a 128-token plain completion, eager vs graphs
   graph_replay     the GPU time of one captured pass of 1, 8, 64 and 256 tokens alone
   server           the same Pika requests through `pikaserve serve` over HTTP (pikaserve
@@ -114,9 +115,10 @@ def offline_load(model: Path, device: str, levels: tuple[int, ...], n: int) -> d
 
     turns, params = pika_requests()
     result = {}
-    for clients in levels:
+    # eager too: through the server, graphs gave fewer req/s than eager at 64 clients
+    for clients, eager in [(c, e) for c in levels for e in (False, True)]:
         llm = LLM(str(model), device=device, max_num_seqs=max(levels),
-                  kv_cache_memory_bytes=KV_BYTES)
+                  kv_cache_memory_bytes=KV_BYTES, enforce_eager=eager)
         llm.generate(turns[-8:], params)
         engine = llm.engine
         prompts = iter(llm.prompt_token_ids(m) for m in turns[:n])
@@ -140,8 +142,10 @@ def offline_load(model: Path, device: str, levels: tuple[int, ...], n: int) -> d
                     latencies.append((time.perf_counter() - started[out.request_id]) * 1e3)
                     submit()
         elapsed = time.perf_counter() - begin
-        result[f"{clients} clients"] = {"req_per_s": len(latencies) / elapsed,
-                                        "e2e_ms": percentiles(latencies)}
+        graphs = engine.runner.graphs
+        result[f"{clients} clients{', eager' if eager else ''}"] = {
+            "req_per_s": len(latencies) / elapsed, "e2e_ms": percentiles(latencies),
+            "passes": engine.num_forward_passes, "graph_passes": graphs.num_steps if graphs else 0}
         llm = engine = None  # free this engine's memory before the next level's
         sync(device)
     return result
