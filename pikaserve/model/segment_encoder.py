@@ -7,7 +7,9 @@ dict lookup instead of a fresh encode (a Pika request's ~400-token encode was ha
 time the engine spends on it).
 
 Used only where the cut points are certain: every added token matched as written (not
-normalized, no lstrip/rstrip/single-word rules). Other tokenizers encode whole texts.
+normalized, no lstrip/rstrip/single-word rules, not split as text), and a few probe texts
+encode the same both ways (a SentencePiece-style pre-tokenizer that marks only the input's
+first word would not). Other tokenizers encode whole texts.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class SegmentEncoder:
         with certainty (a slow tokenizer, or added tokens with matching rules)."""
         backend = getattr(hf, "backend_tokenizer", None)
         decoder = getattr(hf, "added_tokens_decoder", None)
-        if backend is None or not decoder:
+        if backend is None or not decoder or getattr(hf, "split_special_tokens", False):
             return None
         added = {}
         for token_id, token in decoder.items():
@@ -45,7 +47,14 @@ class SegmentEncoder:
                     or getattr(token, "rstrip", True) or getattr(token, "single_word", True)):
                 return None
             added[token.content] = token_id
-        return cls(backend, added)
+        encoder = cls(backend, added)
+        token = next(iter(added))
+        probes = [f"{token}Hello world", f"a {token} b", f"{token}\n{token} x\n", "Hi there"]
+        if any(encoder.encode(t) != backend.encode(t, add_special_tokens=False).ids
+               for t in probes):
+            return None
+        encoder._cache.clear()
+        return encoder
 
     def encode(self, text: str) -> list[int]:
         """The ids of `text` with no special tokens added (as encode(add_special_tokens=False))."""

@@ -66,3 +66,25 @@ def test_added_tokens_with_matching_rules_keep_whole_text_encoding(tiny_model_di
     tok = Tokenizer(hf, set())
     text = "call   <tool> now"
     assert tok.encode(text, add_special_tokens=False) == hf.encode(text, add_special_tokens=False)
+
+
+def test_a_pre_tokenizer_that_marks_only_the_first_word_keeps_whole_text_encoding():
+    """Metaspace with prepend_scheme "first" (SentencePiece style) marks the input's first word
+    only, so a piece after a control token encodes differently alone: the probes find it."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rust = RustTokenizer(models.BPE(unk_token="<unk>"))
+    rust.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    rust.decoder = decoders.Metaspace(prepend_scheme="first")
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    rust.train_from_iterator(["Hello world, hello there."] * 50,
+                             trainers.BpeTrainer(vocab_size=120, special_tokens=specials))
+    hf = PreTrainedTokenizerFast(tokenizer_object=rust, unk_token="<unk>",
+                                 additional_special_tokens=specials[1:])
+    text = "<|im_start|>Hello world"
+    assert rust.encode(text).ids[1:] != rust.encode("Hello world").ids  # the trap is real
+    assert SegmentEncoder.for_tokenizer(hf) is None
+    tok = Tokenizer(hf, set())
+    assert tok.encode(text, add_special_tokens=False) == hf.encode(text, add_special_tokens=False)
