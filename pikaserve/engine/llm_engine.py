@@ -19,7 +19,7 @@ from pikaserve.engine.drafts import DraftCheck, SpecDecodeCounters, StepLogits, 
 from pikaserve.engine.detokenizer import IncrementalDetokenizer
 from pikaserve.kv.kv_cache import allocate_kv_cache
 from pikaserve.engine.model_runner import ModelRunner
-from pikaserve.engine.ngram import NgramProposer
+from pikaserve.engine.ngram import NgramProposer, min_acceptance
 from pikaserve.engine.outputs import EngineStats, RequestOutput, TokenLogprob
 from pikaserve.engine.pooling_params import PoolingParams, PoolTransform
 from pikaserve.engine.request import Request
@@ -264,7 +264,8 @@ class LLMEngine:
             if c.rows.draft.verify_each:
                 self.spec_counters.record(c)
                 if (state := c.request.proposal_state) is not None:
-                    state.checked(c.matched, len(c.rows.draft.token_ids))
+                    state.checked(c.matched, len(c.rows.draft.token_ids),
+                                  min_acceptance(len(self.scheduler.running)))
 
     def _next_row(self, check: DraftCheck) -> int | None:
         """Confirms the KV of the draft tokens that the request's latest ones matched; returns

@@ -7,7 +7,8 @@ import random
 import pytest
 
 from pikaserve.config import EngineConfig
-from pikaserve.engine.ngram import NgramIndex, NgramProposer
+from pikaserve.engine.ngram import (
+    MIN_ACCEPTANCE, NgramIndex, NgramProposer, ProposalState, min_acceptance)
 from pikaserve.engine.request import Request
 from pikaserve.engine.sampling_params import SamplingParams
 
@@ -105,13 +106,13 @@ def test_poorly_accepted_proposals_back_off_and_good_ones_reset():
         return skipped
 
     assert proposer.propose(req, 1) is not None
-    req.proposal_state.checked(1, 4)  # average (1 + 1/4) / 2: still above MIN_ACCEPTANCE
+    req.proposal_state.checked(4, 4)  # average (MIN_ACCEPTANCE + 1) / 2 = 0.7
     assert steps_until_the_next_proposal() == 0
     waits = []
-    for _ in range(6):
+    for _ in range(7):
         req.proposal_state.checked(0, 4)  # the proposal just made: wholly rejected
         waits.append(steps_until_the_next_proposal())
-    assert waits == [1, 2, 4, 8, 16, 16]
+    assert waits == [1, 4, 16, 64, 64, 64, 64]
     for _ in range(3):  # wholly accepted: the average is back above it (0.5, 0.75, 0.875)
         req.proposal_state.checked(4, 4)
     assert steps_until_the_next_proposal() == 0
@@ -119,3 +120,16 @@ def test_poorly_accepted_proposals_back_off_and_good_ones_reset():
     assert steps_until_the_next_proposal() == 0  # one miss after good ones does not wait yet
     req.proposal_state.checked(0, 4)
     assert steps_until_the_next_proposal() == 1  # the backoff starts over
+
+
+def test_a_first_miss_backs_off_and_the_bar_rises_with_the_batch():
+    assert min_acceptance(1) == min_acceptance(4) == MIN_ACCEPTANCE
+    assert min_acceptance(8) == pytest.approx(0.56)
+    state = ProposalState(2, 4)
+    state.checked(1, 4)  # (0.4 + 0.25) / 2 = 0.325: below the bar from the first proposal
+    assert state.wait == 1
+    state = ProposalState(2, 4)
+    state.checked(3, 4)  # 0.575
+    assert state.wait == 0
+    state.checked(2, 4, min_acceptance(8))  # 0.54 is enough alone, not with 8 running
+    assert state.wait == 1
