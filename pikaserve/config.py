@@ -72,7 +72,9 @@ class EngineConfig:
     enforce_eager: bool = False
     # Speculative decoding, as vLLM's --speculative-config: {"method": "ngram",
     # "num_speculative_tokens": k, "prompt_lookup_max": n, "prompt_lookup_min": m} proposes up
-    # to k tokens by prompt lookup and checks them in the next pass (SpeculativeConfig).
+    # to k tokens by prompt lookup, {"method": "draft_model", "model": PATH,
+    # "num_speculative_tokens": k} by a smaller model; the next pass checks them
+    # (SpeculativeConfig).
     speculative_config: dict | None = None
 
     def validate(self) -> None:
@@ -132,8 +134,9 @@ class EngineConfig:
         return dataclasses.replace(self, **changes)
 
 
-SPECULATIVE_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max",
-                    "prompt_lookup_min", "disable_by_batch_size")
+NGRAM_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+              "disable_by_batch_size")
+DRAFT_MODEL_KEYS = ("method", "model", "num_speculative_tokens", "disable_by_batch_size")
 # Past this many running requests a step proposes nothing: a batch that large already uses the
 # weights it reads well, and the proposals' extra rows cost more than they save
 # (benchmarks/results/spec_ngram.json, 2-core CPU).
@@ -142,15 +145,18 @@ DEFAULT_DISABLE_BY_BATCH_SIZE = 8
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """Speculative decoding by prompt lookup (vLLM's "ngram" method, the only one so far):
-    after each step a running request without a grammar looks for the last earlier
-    occurrence of its last n tokens (n from prompt_lookup_max down to prompt_lookup_min) and
-    proposes up to num_speculative_tokens tokens that followed it; the next pass checks them.
-    No request proposes while more than disable_by_batch_size run."""
+    """Speculative decoding, vLLM's --speculative-config. After each step a running request
+    without a grammar proposes up to num_speculative_tokens tokens, which its next pass checks.
+    method "ngram" (prompt lookup): the tokens that followed the last earlier occurrence of its
+    last n tokens (n from prompt_lookup_max down to prompt_lookup_min). method "draft_model":
+    a smaller model sharing the target's tokenizer (`model`, a local path) decodes them
+    greedily. No request proposes while more than disable_by_batch_size run."""
 
+    method: str
     num_speculative_tokens: int
-    prompt_lookup_max: int
-    prompt_lookup_min: int
+    prompt_lookup_max: int | None = None  # ngram only
+    prompt_lookup_min: int | None = None  # ngram only
+    model: str | None = None  # draft_model only
     disable_by_batch_size: int = DEFAULT_DISABLE_BY_BATCH_SIZE
 
     @classmethod
@@ -159,33 +165,42 @@ class SpeculativeConfig:
         if not isinstance(raw, dict):
             raise ConfigError(f"speculative_config must be a JSON object; got {raw!r}")
         method = raw.get("method")
-        if method == "draft_model":
-            raise ConfigError("speculative_config: the draft_model method is not implemented "
-                              "yet; only 'ngram' (prompt lookup) is")
-        if method != "ngram":
-            raise ConfigError(f"speculative_config: method must be 'ngram' (the only one "
-                              f"implemented); got {method!r}")
-        unknown = sorted(set(raw) - set(SPECULATIVE_KEYS))
+        methods = {"ngram": NGRAM_KEYS, "draft_model": DRAFT_MODEL_KEYS}
+        if not isinstance(method, str) or method not in methods:
+            raise ConfigError(f"speculative_config: method must be 'ngram' (prompt lookup) or "
+                              f"'draft_model'; got {method!r}")
+        keys = methods[method]
+        unknown = sorted(set(raw) - set(keys))
         if unknown:
             raise ConfigError(f"speculative_config: unknown or unsupported key(s) "
-                              f"{', '.join(map(repr, unknown))}; the ngram method takes "
-                              f"{', '.join(SPECULATIVE_KEYS)}")
-        k, hi, lo, batch = (raw.get(key) for key in SPECULATIVE_KEYS[1:])
-        for key, value in zip(SPECULATIVE_KEYS[1:], (k, hi, lo, batch)):
+                              f"{', '.join(map(repr, unknown))}; the {method} method takes "
+                              f"{', '.join(keys)}")
+        for key in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+                    "disable_by_batch_size"):
+            value = raw.get(key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                       or value < 1):
                 raise ConfigError(f"speculative_config: {key} must be an integer >= 1; "
                                   f"got {value!r}")
+        k = raw.get("num_speculative_tokens")
         if k is None:
-            raise ConfigError("speculative_config: the ngram method needs "
+            raise ConfigError(f"speculative_config: the {method} method needs "
                               "num_speculative_tokens (the most tokens proposed per step)")
+        batch = raw.get("disable_by_batch_size") or DEFAULT_DISABLE_BY_BATCH_SIZE
+        if method == "draft_model":
+            model = raw.get("model")
+            if not isinstance(model, str) or not model:
+                raise ConfigError("speculative_config: the draft_model method needs 'model', "
+                                  "the draft's local folder or .gguf file")
+            return cls(method, k, model=model, disable_by_batch_size=batch)
+        hi, lo = raw.get("prompt_lookup_max"), raw.get("prompt_lookup_min")
         # as vLLM: one bound given sets both; none gives 5
         hi = hi if hi is not None else lo if lo is not None else 5
         lo = lo if lo is not None else hi
         if lo > hi:
             raise ConfigError(f"speculative_config: prompt_lookup_min ({lo}) must be <= "
                               f"prompt_lookup_max ({hi})")
-        return cls(k, hi, lo, batch if batch is not None else DEFAULT_DISABLE_BY_BATCH_SIZE)
+        return cls(method, k, hi, lo, disable_by_batch_size=batch)
 
 
 def default_num_threads() -> int:

@@ -1,7 +1,8 @@
 """The torch backend's attention metadata: where each token's keys and values live.
 
 Built from the step's BatchLayout (TorchBackend.metadata) and passed to the model explicitly.
-Tokens are laid out flat, single-token (decode) rows first, then multi-token chunks.
+Sequences computing a few tokens (decodes, drafts, short forced chunks) are attended together
+as query rows (RowBatch); longer chunks (prefill) one SDPA call each (ChunkSequence).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 @dataclass(slots=True)
 class ChunkSequence:
-    """A sequence computing several tokens this step (a prefill chunk or forced tokens)."""
+    """A sequence computing many tokens this step (a prefill chunk)."""
 
     query_start: int  # first row of this sequence in the flat token batch
     query_len: int
@@ -25,12 +26,28 @@ class ChunkSequence:
 
 
 @dataclass(slots=True)
+class RowBatch:
+    """S sequences of at most `max_rows` new tokens each, attended in one batched matmul: each
+    new token is a query row that sees its sequence's keys up to its own position. A sequence
+    has max_rows slots; slots past its new tokens repeat its last one and are dropped after."""
+
+    block_tables: torch.Tensor  # [S, max_blocks] int64
+    context_len: int  # the longest sequence's keys (gathered for every sequence)
+    max_rows: int
+    # [S * max_rows] int64: the token each slot reads; None when the slots are the leading
+    # S * max_rows tokens in order
+    slot_tokens: torch.Tensor | None
+    kept_slots: torch.Tensor | None  # [R] int64: the slots that are real rows; None: all are
+    # [R] int64: the token each real row is; None when they are the leading R tokens in order
+    row_tokens: torch.Tensor | None
+    # [S, 1, max_rows, 1, context_len] bool, True = attend; None when every slot sees all
+    # context_len keys (nothing to mask)
+    mask: torch.Tensor | None
+    num_rows: int  # R
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64: flat KV slot each new token is written to
-    num_decode_tokens: int  # leading rows that are single-token sequences
-    decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] int64
-    decode_context_len: int  # the longest decode row's context (keys gathered per row)
-    # [num_decodes, 1, 1, decode_context_len] bool, True = attend; None when every decode row
-    # has the longest context (one row, or equal lengths): nothing to mask
-    decode_mask: torch.Tensor | None
-    chunks: list[ChunkSequence]
+    rows: RowBatch | None  # the sequences of few tokens, or None when there are none
+    chunks: list[ChunkSequence]  # the others

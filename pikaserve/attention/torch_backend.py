@@ -1,8 +1,9 @@
 """Paged attention in plain PyTorch: runs on CPU and CUDA alike.
 
 KV cache layout per layer: [num_blocks, block_size, num_kv_heads, head_dim]. New keys/values
-are scattered to their slots first; attention then gathers each sequence's blocks. Single-token
-rows are batched into one masked attention; multi-token chunks run one SDPA call each.
+are scattered to their slots first; attention then gathers each sequence's blocks. Sequences
+of a few new tokens (decodes, drafts, forced chunks) are batched into one masked attention over
+query rows; longer chunks (prefill) run one SDPA call each.
 """
 
 from __future__ import annotations
@@ -12,7 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from pikaserve.attention.layout import BatchLayout
-from pikaserve.attention.metadata import AttentionMetadata, ChunkSequence
+from pikaserve.attention.metadata import AttentionMetadata, ChunkSequence, RowBatch
+
+# Sequences computing at most this many tokens (decodes, drafts, forced chunks) are attended
+# together as query rows; longer ones (prefill chunks) one SDPA call each.
+MAX_BATCHED_ROWS = 8
 
 
 class TorchBackend:
@@ -28,12 +33,10 @@ class TorchBackend:
         def tensor(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(a).to(device, non_blocking=True)
 
-        nd = layout.num_decodes
+        short = layout.query_lens <= MAX_BATCHED_ROWS
         chunks = []
-        for start, n, ctx, table in zip(
-            layout.query_starts[nd:], layout.query_lens[nd:], layout.context_lens[nd:],
-            layout.block_tables[nd:],
-        ):
+        for i in np.flatnonzero(~short):
+            start, n, ctx = layout.query_starts[i], layout.query_lens[i], layout.context_lens[i]
             mask = None
             if ctx > n:  # row i sees the cached tokens and the chunk's first i + 1
                 pos = np.arange(ctx - n, ctx)
@@ -43,22 +46,40 @@ class TorchBackend:
                 bias = np.where(allowed, np.float32(0), np.float32("-inf"))
                 mask = torch.from_numpy(bias).to(device, dtype)
             num_blocks = -(-int(ctx) // layout.block_size)
-            chunks.append(ChunkSequence(int(start), int(n), int(ctx), tensor(table[:num_blocks]), mask))
-        meta = AttentionMetadata(
-            slot_mapping=tensor(layout.slot_mapping),
-            num_decode_tokens=nd,
-            decode_block_tables=None,
-            decode_context_len=int(layout.context_lens[:nd].max(initial=0)),
-            decode_mask=None,
-            chunks=chunks,
-        )
-        if nd:
-            meta.decode_block_tables = tensor(layout.padded_tables(nd))
-            lens = layout.context_lens[:nd]
-            if (lens < meta.decode_context_len).any():
-                visible = np.arange(meta.decode_context_len)[None, :] < lens[:, None]
-                meta.decode_mask = torch.from_numpy(visible).to(device)[:, None, None, :]
-        return meta
+            table = tensor(layout.block_tables[i][:num_blocks])
+            chunks.append(ChunkSequence(int(start), int(n), int(ctx), table, mask))
+        rows = _row_batch(layout, np.flatnonzero(short), tensor) if short.any() else None
+        return AttentionMetadata(tensor(layout.slot_mapping), rows, chunks)
+
+
+def _row_batch(layout: BatchLayout, seqs: np.ndarray, tensor) -> RowBatch:
+    """The RowBatch of the layout's sequences `seqs` (in order)."""
+    n, ctx = layout.query_lens[seqs], layout.context_lens[seqs]
+    m, longest = int(n.max()), int(ctx.max())
+    slot = np.minimum(np.arange(m)[None, :], n[:, None] - 1)  # [S, m]: padding repeats the last
+    tokens = (layout.query_starts[seqs][:, None] + slot).reshape(-1)
+    visible = ctx[:, None] - n[:, None] + slot + 1  # [S, m]: the keys each slot attends to
+    real = (np.arange(m)[None, :] < n[:, None]).reshape(-1)
+    row_tokens = tokens[real]
+    mask = None
+    if (visible != longest).any():
+        seen = np.arange(longest)[None, None, :] < visible[:, :, None]  # [S, m, L]
+        mask = tensor(seen[:, None, :, None, :])
+    return RowBatch(
+        block_tables=tensor(layout.padded_tables(seqs.tolist())),
+        context_len=longest,
+        max_rows=m,
+        slot_tokens=None if _leading(tokens) else tensor(tokens),
+        kept_slots=None if real.all() else tensor(np.flatnonzero(real)),
+        row_tokens=None if _leading(row_tokens) else tensor(row_tokens),
+        mask=mask,
+        num_rows=len(row_tokens),
+    )
+
+
+def _leading(tokens: np.ndarray) -> bool:
+    """True when `tokens` are 0, 1, 2, ...: a slice of the batch, no gather needed."""
+    return bool((tokens == np.arange(len(tokens))).all())
 
 
 class TorchPagedAttention:
@@ -83,33 +104,40 @@ class TorchPagedAttention:
         flat_k.index_copy_(0, meta.slot_mapping, k)
         flat_v.index_copy_(0, meta.slot_mapping, v)
 
-        nd = meta.num_decode_tokens
-        if not meta.chunks:
-            return self._decode(q, k_cache, v_cache, meta)
-        if not nd and len(meta.chunks) == 1:
-            return self._chunk(q, k, v, k_cache, v_cache, meta.chunks[0])
+        rows, chunks = meta.rows, meta.chunks
+        if rows is not None and not chunks and rows.row_tokens is None:
+            return self._rows(q, k_cache, v_cache, rows)  # every token, in order
+        if rows is None and len(chunks) == 1:
+            return self._chunk(q, k, v, k_cache, v_cache, chunks[0])
         out = torch.empty_like(q)
-        if nd:
-            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta)
-        for chunk in meta.chunks:
-            rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
-            out[rows] = self._chunk(q[rows], k[rows], v[rows], k_cache, v_cache, chunk)
+        if rows is not None:
+            got = self._rows(q, k_cache, v_cache, rows)
+            if rows.row_tokens is None:
+                out[: rows.num_rows] = got
+            else:
+                out.index_copy_(0, rows.row_tokens, got)
+        for chunk in chunks:
+            span = slice(chunk.query_start, chunk.query_start + chunk.query_len)
+            out[span] = self._chunk(q[span], k[span], v[span], k_cache, v_cache, chunk)
         return out
 
-    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
-        # Plain matmuls beat SDPA's CPU kernel ~5x for one query row; GQA by grouping the
-        # query heads per key head instead of repeating keys.
-        b, length, tables = q.shape[0], meta.decode_context_len, meta.decode_block_tables
-        if tables is None:
-            raise ValueError("decode rows need the metadata's decode_block_tables")
-        keys = self._gather(k_cache, tables, length)  # [B, Hkv, L, D]
-        values = self._gather(v_cache, tables, length)
-        q = q.view(b, self.num_kv_heads, -1, self.head_dim)  # [B, Hkv, group, D]
-        scores = (q @ keys.mT).float().mul_(self.scale)  # [B, Hkv, group, L]
-        if meta.decode_mask is not None:  # rows shorter than the longest
-            scores.masked_fill_(~meta.decode_mask, float("-inf"))
+    def _rows(self, q, k_cache, v_cache, rows: RowBatch) -> torch.Tensor:
+        """Attention of every row of a RowBatch, [R, Hq, D]. Plain matmuls beat SDPA's CPU
+        kernel ~5x for a few query rows, and one batched call beats one SDPA call per
+        sequence (~240 us per sequence and layer); GQA by grouping the query heads per key
+        head instead of repeating keys."""
+        s, m, hkv, d = rows.block_tables.shape[0], rows.max_rows, self.num_kv_heads, self.head_dim
+        slots = q[: s * m] if rows.slot_tokens is None else q.index_select(0, rows.slot_tokens)
+        keys = self._gather(k_cache, rows.block_tables, rows.context_len)  # [S, Hkv, L, D]
+        values = self._gather(v_cache, rows.block_tables, rows.context_len)
+        # [S * m, Hq, D] -> [S, Hkv, m * group, D]: a sequence's rows share its keys
+        queries = slots.view(s, m, hkv, -1, d).transpose(1, 2).reshape(s, hkv, -1, d)
+        scores = (queries @ keys.mT).float().mul_(self.scale)  # [S, Hkv, m * group, L]
+        if rows.mask is not None:
+            scores.view(s, hkv, m, -1, rows.context_len).masked_fill_(~rows.mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        return (probs @ values).view(b, self.num_heads, self.head_dim)
+        out = (probs @ values).view(s, hkv, m, -1, d).transpose(1, 2).reshape(s * m, -1, d)
+        return out if rows.kept_slots is None else out.index_select(0, rows.kept_slots)
 
     def _gather(self, cache: torch.Tensor, tables: torch.Tensor, length: int) -> torch.Tensor:
         """The first `length` cached rows of each table's sequence, as [B, Hkv, L, D].

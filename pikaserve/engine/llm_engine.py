@@ -10,6 +10,7 @@ import itertools
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -17,9 +18,11 @@ from pikaserve.config import ConfigError, EngineConfig
 from pikaserve.engine.constraint import Constraint, Draft
 from pikaserve.engine.drafts import DraftCheck, SpecDecodeCounters, StepLogits, propose_grammar_draft
 from pikaserve.engine.detokenizer import IncrementalDetokenizer
-from pikaserve.kv.kv_cache import allocate_kv_cache
+from pikaserve.kv.kv_cache import allocate_kv_cache, bytes_per_token, num_kv_blocks
 from pikaserve.engine.model_runner import ModelRunner
-from pikaserve.engine.ngram import NgramProposer, min_acceptance
+from pikaserve.engine.draft_model import DraftModelProposer, check_draft_model
+from pikaserve.engine.ngram import NgramProposer
+from pikaserve.engine.proposer import Proposer, min_acceptance
 from pikaserve.engine.outputs import EngineStats, RequestOutput, TokenLogprob
 from pikaserve.engine.pooling_params import PoolingParams, PoolTransform
 from pikaserve.engine.request import Request
@@ -28,7 +31,7 @@ from pikaserve.engine.sampling_params import SamplingParams
 from pikaserve.engine.scheduler import Scheduler
 from pikaserve.errors import InvalidRequestError
 from pikaserve.kv.block_pool import BlockPool
-from pikaserve.model.loader import load_model, resolve_model_path
+from pikaserve.model.loader import LoadedModel, load_model, resolve_model_path
 from pikaserve.engine.device import (
     configure_threads, describe_cpu, resolve_device, resolve_dtype, resolve_int8_rows,
     resolve_kv_cache_dtype)
@@ -48,20 +51,29 @@ class LLMEngine:
         configure_threads(config, self.device)
         path = resolve_model_path(config.model)
         kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.device) or self.dtype
-        loaded = load_model(
-            path, self.device, self.dtype, config.max_model_len, config.int4_max_rows,
-            resolve_int8_rows(config, self.device, self.dtype), config.attention_backend,
-            kv_dtype,
-        )
+        int8_rows = resolve_int8_rows(config, self.device, self.dtype)
+
+        def load(path: Path, max_positions: int | None) -> LoadedModel:
+            return load_model(path, self.device, self.dtype, max_positions, config.int4_max_rows,
+                              int8_rows, config.attention_backend, kv_dtype)
+
+        loaded = load(path, config.max_model_len)
         self.model_path = path
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.max_model_len = config.max_model_len or min(
             loaded.config.max_position_embeddings, MAX_DEFAULT_MODEL_LEN
         )
-        kv_caches, num_blocks = allocate_kv_cache(
-            loaded.config, config, self.device, kv_dtype, self.max_model_len
-        )
+        speculative = config.speculative()
+        draft = None
+        if speculative is not None and speculative.method == "draft_model":
+            draft = load(resolve_model_path(speculative.model), self.max_model_len)
+            check_draft_model(draft, loaded)
+        # A draft model's cache has as many blocks as the target's, in the same budget.
+        token_bytes = sum(bytes_per_token(m.config, kv_dtype) for m in (loaded, draft) if m)
+        num_blocks = num_kv_blocks(token_bytes, config, self.device, self.max_model_len)
+        kv_caches = allocate_kv_cache(loaded.config, num_blocks, config.block_size, self.device,
+                                      kv_dtype)
         if num_blocks * config.block_size < self.max_model_len:
             raise ConfigError(
                 f"the KV cache holds {num_blocks * config.block_size} tokens, fewer than "
@@ -94,19 +106,24 @@ class LLMEngine:
             loaded.model, kv_caches, config.block_size, self.device, loaded.backend, graphs
         )
         self.sampler = Sampler(loaded.config.vocab_size, config.seed, self.device)
-        speculative = config.speculative()
-        self.proposer = None if speculative is None else NgramProposer(
-            speculative, self.max_model_len)
+        self.proposer: Proposer | None = None
+        pass_rows = loaded.model.int4_rows()  # proposals keep a pass on the 4-bit kernels
+        if speculative is not None and draft is not None:
+            self.proposer = DraftModelProposer(speculative, draft, num_blocks, kv_dtype,
+                                               self.device, config, self.max_model_len, pass_rows)
+        elif speculative is not None:
+            self.proposer = NgramProposer(speculative, self.max_model_len, pass_rows)
         self.spec_counters = SpecDecodeCounters(
             accepted_per_pos=[0] * (speculative.num_speculative_tokens if speculative else 0))
         self.requests: dict[str, Request] = {}
         self._ready: list[RequestOutput] = []  # requests a grammar finished without a pass
         self.load_seconds = time.perf_counter() - start
         logger.info(
-            "loaded %s (%s, %s, %s attention) in %.2fs; KV cache %d blocks x %d tokens (%s)",
+            "loaded %s (%s, %s, %s attention) in %.2fs; KV cache %d blocks x %d tokens (%s)%s",
             path.name, self.device, str(self.dtype).removeprefix("torch."),
             loaded.backend.name, self.load_seconds, num_blocks, config.block_size,
             str(kv_dtype).removeprefix("torch."),
+            f"; draft model {draft.path.name} with a cache of its own" if draft else "",
         )
         if self.device.type == "cpu":
             model = loaded.model
@@ -199,6 +216,8 @@ class LLMEngine:
         if req is None:
             return None
         self.scheduler.abort(req)
+        if self.proposer is not None:
+            self.proposer.release(req)
         req.finish_reason = "abort"
         return self._output(req, [], [], finished=True)
 
@@ -237,8 +256,7 @@ class LLMEngine:
                 checks.append(DraftCheck(req, rows, start))
         if checks:
             self._check_drafts(step, checks, outputs)
-        for req in step.sampling:
-            self._propose(req)
+        self._propose(step.sampling)
         return ready + list(outputs.values())
 
     def _check_drafts(
@@ -281,15 +299,18 @@ class LLMEngine:
             return None
         return check.rows.row_after(check.matched - 1)
 
-    def _propose(self, req: Request) -> None:
-        """A draft for the request's next pass: its grammar's, or a speculative proposal."""
-        if req.finish_reason is not None:
-            return
-        if req.constraint is not None:
-            if self.config.structured_output_draft and self.config.structured_output_fast_forward:
+    def _propose(self, reqs: list[Request]) -> None:
+        """Drafts for the requests' next passes: their grammars', or speculative proposals."""
+        free = []
+        for req in reqs:
+            if req.finish_reason is not None:
+                continue
+            if req.constraint is None:
+                free.append(req)
+            elif self.config.structured_output_draft and self.config.structured_output_fast_forward:
                 propose_grammar_draft(req, self.max_model_len)
-        elif self.proposer is not None:
-            req.draft = self.proposer.propose(req, len(self.scheduler.running))
+        if free and self.proposer is not None:
+            self.proposer.propose(free, len(self.scheduler.running))
 
     def _finish_pooling(self, reqs: list[Request]) -> list[RequestOutput]:
         """Finishes pooling requests whose prompt is now computed. Each gets its states, or
@@ -345,6 +366,8 @@ class LLMEngine:
         finished = req.finish_reason is not None
         if finished:
             self.scheduler.finish(req)
+            if self.proposer is not None:
+                self.proposer.release(req)
             del self.requests[req.request_id]
         return self._output(req, kept, logprobs, finished)
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from pikaserve.attention.backend import AttentionBackend
-from pikaserve.attention.layout import BatchLayout
+from pikaserve.attention.layout import LayoutBuilder
 from pikaserve.engine.constraint import Draft
 from pikaserve.engine.drafts import DraftRows, StepLogits
 from pikaserve.engine.forward_inputs import ForwardInputs
@@ -49,28 +49,21 @@ class ModelRunner:
         row's owner (StepLogits). With `vocab_rows`, only those tokens get logits; the others
         are -inf. Second: the hidden states of the pooling requests' span rows computed this
         step (PooledStates), or None when there are none."""
-        bs = self.block_size
-        ids, positions, slots, logits_rows = [], [], [], []
+        ids, logits_rows = [], []
+        builder = LayoutBuilder(self.block_size)
         sampling: list[Request] = []  # the owner of each row of logits_rows
         draft_rows: list[tuple[Request, Draft, range]] = []  # and its token rows with logits
-        query_lens, context_lens, tables = [], [], []
         hidden_rows: list[int] = []
         pooled_counts: list[tuple[Request, int]] = []
         row = 0
         for s in out.scheduled:
             req, n, k, draft = s.request, s.num_new_tokens, s.num_draft, s.draft
             start = req.num_computed_tokens
-            pos = np.arange(start, start + n, dtype=np.int64)
-            table = np.asarray(req.block_ids, dtype=np.int64)
             tokens = req.all_token_ids[start : start + n - k]
             if draft is not None:
                 tokens = tokens + draft.token_ids
             ids.append(np.asarray(tokens, dtype=np.int64))
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            query_lens.append(n)
-            context_lens.append(start + n)
-            tables.append(table)
+            builder.add(req.block_ids, start, n)
             if isinstance(req.params, PoolingParams):
                 first = max(start, req.params.first_pooled(req.num_tokens))
                 if first < start + n:
@@ -83,18 +76,10 @@ class ModelRunner:
                 if draft is not None:
                     draft_rows.append((req, draft, range(row - k + draft.first_verified, row)))
 
-        layout = BatchLayout(
-            query_lens=np.asarray(query_lens, dtype=np.int64),
-            context_lens=np.asarray(context_lens, dtype=np.int64),
-            block_tables=tables,
-            slot_mapping=np.concatenate(slots),
-            positions=np.concatenate(positions),
-            block_size=bs,
-        )
         self.num_forward_passes += 1
         layers = tuple(sorted({i for r, _ in pooled_counts for i in r.pooling.layers}))
         step = ForwardInputs(
-            np.concatenate(ids), layout,
+            np.concatenate(ids), builder.build(),
             np.asarray(logits_rows + [r for _, _, rs in draft_rows for r in rs], dtype=np.int64),
             None if vocab_rows is None else np.asarray(vocab_rows, dtype=np.int64),
             np.asarray(hidden_rows, dtype=np.int64) if hidden_rows else None,

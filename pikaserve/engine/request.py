@@ -14,7 +14,7 @@ from pikaserve.engine.sampling_params import SamplingParams
 if TYPE_CHECKING:
     from pikaserve.engine.constraint import Constraint, Draft
     from pikaserve.engine.detokenizer import IncrementalDetokenizer
-    from pikaserve.engine.ngram import ProposalState
+    from pikaserve.engine.proposer import ProposalState
 
 
 @dataclass(slots=True)
@@ -26,7 +26,7 @@ class Request:
     eos_token_ids: frozenset[int]
     constraint: Constraint | None = None  # a structured-output matcher
     draft: Draft | None = None  # guessed tokens the next pass computes after the known ones
-    proposal_state: ProposalState | None = None  # prompt lookup's index and backoff (speculative)
+    proposal_state: ProposalState | None = None  # speculative proposals: backoff, proposer memory
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pikaserve.engine.constraint import Draft
 from pikaserve.engine.pooling_params import PoolingParams
 from pikaserve.engine.request import Request
-from pikaserve.kv.block_pool import BlockPool, chain_hash, salt_root
+from pikaserve.kv.block_pool import BlockPool, extend_hashes
 
 
 @dataclass(slots=True)
@@ -203,14 +203,7 @@ class Scheduler:
         return k
 
     def _grow(self, req: Request, num_tokens: int) -> bool:
-        need = -(-num_tokens // self.block_size) - len(req.block_ids)
-        if need <= 0:
-            return True
-        blocks = self.pool.allocate(need)
-        if blocks is None:
-            return False
-        req.block_ids.extend(blocks)
-        return True
+        return self.pool.grow(req.block_ids, num_tokens)
 
     def _reuse_prefix(self, req: Request) -> None:
         max_blocks = req.num_reusable_tokens // self.block_size
@@ -224,11 +217,8 @@ class Scheduler:
             self.pool.record_lookup(req.num_prompt_tokens, req.num_cached_tokens)
 
     def _extend_hashes(self, req: Request, num_blocks: int) -> None:
-        bs, hashes, tokens = self.block_size, req.block_hashes, req.all_token_ids
-        while len(hashes) < num_blocks:
-            b = len(hashes)
-            parent = hashes[-1] if hashes else salt_root(req.params.cache_salt)
-            hashes.append(chain_hash(parent, tokens[b * bs : (b + 1) * bs]))
+        extend_hashes(req.block_hashes, req.all_token_ids, num_blocks, self.block_size,
+                      req.params.cache_salt)
 
     def _preempt(self, req: Request) -> None:
         self._release(req)

@@ -30,6 +30,16 @@ def salt_root(salt: str | None) -> int | None:
     return None if salt is None else hash(("cache_salt", salt))
 
 
+def extend_hashes(
+    hashes: list[int], tokens: Sequence[int], num_blocks: int, block_size: int, salt: str | None
+) -> None:
+    """Appends the chained hashes of `tokens`' full blocks until `hashes` has `num_blocks`."""
+    while len(hashes) < num_blocks:
+        b = len(hashes)
+        parent = hashes[-1] if hashes else salt_root(salt)
+        hashes.append(chain_hash(parent, tokens[b * block_size : (b + 1) * block_size]))
+
+
 class BlockPool:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
         if num_blocks < 1:
@@ -71,6 +81,18 @@ class BlockPool:
             self.blocks[block_id].ref_count = 1
             out.append(block_id)
         return out
+
+    def grow(self, block_ids: list[int], num_tokens: int) -> bool:
+        """Extends a sequence's blocks until they hold `num_tokens`; False (and nothing
+        taken) when the blocks it needs do not fit."""
+        need = -(-num_tokens // self.block_size) - len(block_ids)
+        if need <= 0:
+            return True
+        blocks = self.allocate(need)
+        if blocks is None:
+            return False
+        block_ids.extend(blocks)
+        return True
 
     def free(self, block_ids: Sequence[int]) -> None:
         # Free the tail first so a prefix's head blocks are evicted last.

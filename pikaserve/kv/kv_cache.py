@@ -30,24 +30,27 @@ def kv_budget_bytes(config: EngineConfig, device: torch.device) -> int:
     return int(config.cpu_kv_cache_fraction * total_ram)
 
 
-def allocate_kv_cache(
-    model: ModelConfig,
-    config: EngineConfig,
-    device: torch.device,
-    dtype: torch.dtype,
-    max_model_len: int,
-) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
-    """Per-layer (key, value) caches of shape [num_blocks, block_size, kv_heads, head_dim]."""
-    block_bytes = bytes_per_token(model, dtype) * config.block_size
-    num_blocks = kv_budget_bytes(config, device) // block_bytes
+def num_kv_blocks(
+    token_bytes: int, config: EngineConfig, device: torch.device, max_model_len: int
+) -> int:
+    """How many KV blocks the memory budget holds at `token_bytes` per token (the target's,
+    plus a draft model's when one keeps a cache beside it)."""
+    num_blocks = kv_budget_bytes(config, device) // (token_bytes * config.block_size)
     # More blocks than every sequence at full length could use is wasted memory.
     blocks_per_seq = -(-max_model_len // config.block_size)
     num_blocks = min(num_blocks, config.max_num_seqs * blocks_per_seq)
     if num_blocks < 1:
         raise ConfigError("no memory is left for the KV cache; lower the model size or raise the budget")
-    shape = (num_blocks, config.block_size, model.num_kv_heads, model.head_dim)
-    caches = [(_zeros(shape, dtype, device), _zeros(shape, dtype, device)) for _ in range(model.num_layers)]
-    return caches, int(num_blocks)
+    return int(num_blocks)
+
+
+def allocate_kv_cache(
+    model: ModelConfig, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer (key, value) caches of shape [num_blocks, block_size, kv_heads, head_dim]."""
+    shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
+    return [(_zeros(shape, dtype, device), _zeros(shape, dtype, device))
+            for _ in range(model.num_layers)]
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -82,8 +82,9 @@ FLAGS = (
          "and compute it with the tokens forced after it in the same pass (on by default)"),
     Flag("speculative-config", "engine", "mapping", help="speculative decoding, a JSON "
          "object as vLLM's: {\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
-         "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2} (prompt lookup; the only "
-         "method so far; default: off)"),
+         "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2} (prompt lookup) or "
+         "{\"method\": \"draft_model\", \"model\": PATH, \"num_speculative_tokens\": 4} "
+         "(a smaller model sharing the tokenizer); default: off"),
     Flag("host", "server", help="address to bind"),
     Flag("port", "server", type=int, help="port to bind"),
     Flag("served-model-name", "server", "list", help="model name(s) clients use; the first "

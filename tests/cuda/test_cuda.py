@@ -120,3 +120,20 @@ def test_sampling_on_the_device_is_seeded(tiny_model_dir):
     first = [o.token_ids for o in llm.generate(PROMPTS, params)]
     again = [o.token_ids for o in llm.generate(PROMPTS, params)]
     assert first == again
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_speculation_leaves_greedy_unchanged(method, tiny_model_dir):
+    """Proposals checked in graphed passes, and a draft model's own passes on the device: the
+    same tokens as without speculation (float32), with proposals accepted."""
+    path = str(tiny_model_dir("llama"))
+    config = {"method": method, "num_speculative_tokens": 4, "disable_by_batch_size": 64}
+    config.update({"prompt_lookup_max": 3, "prompt_lookup_min": 1} if method == "ngram"
+                  else {"model": path})
+    prompts = make_prompts(12, 400, seed=5) + [[7, 8, 9, 10] * 8, [20, 21] * 15]
+    want = greedy(LLM(path, dtype="float32", device="cuda"), prompts)
+    llm = LLM(path, dtype="float32", device="cuda", speculative_config=config)
+    got = greedy(llm, prompts)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    stats = llm.engine.stats()
+    assert stats.spec_decode_num_accepted_tokens > 0 and llm.engine.pool_is_idle()

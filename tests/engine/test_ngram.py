@@ -7,8 +7,10 @@ import random
 import pytest
 
 from pikaserve.config import EngineConfig
-from pikaserve.engine.ngram import (
-    MIN_ACCEPTANCE, NgramIndex, NgramProposer, ProposalState, min_acceptance)
+from pikaserve.engine.constraint import Draft
+from pikaserve.engine.ngram import NgramIndex, NgramProposer
+from pikaserve.engine.proposer import (
+    MIN_ACCEPTANCE, ProposalState, min_acceptance, proposal_length)
 from pikaserve.engine.request import Request
 from pikaserve.engine.sampling_params import SamplingParams
 
@@ -62,37 +64,49 @@ def request(prompt: list[int], output: list[int], **params) -> Request:
     return req
 
 
+def propose(proposer: NgramProposer, req: Request, num_running: int,
+            acceptance: float = 1.0) -> Draft | None:
+    """The request's proposal for its next pass, as the engine asks after a step; a request
+    seen for the first time starts with this average acceptance (1: proposals of full length)."""
+    if req.proposal_state is None:
+        req.proposal_state = ProposalState(proposer.memory_for(req))
+        req.proposal_state.acceptance = acceptance
+    req.draft = None
+    proposer.propose([req], num_running)
+    return req.draft
+
+
 def test_proposals_are_cut_to_max_tokens_and_the_context():
     proposer = NgramProposer(EngineConfig(speculative_config=NGRAM).speculative(), 20)
     prompt = [1, 2, 3, 4, 5, 6, 7, 1, 2, 3]
-    draft = proposer.propose(request(prompt, [], max_tokens=None), 1)
+    draft = propose(proposer, request(prompt, [], max_tokens=None), 1)
     assert draft is not None and draft.token_ids == [4, 5, 6, 7] and draft.verify_each
     # the row after the last proposed token samples one more, so room is left for it
-    assert proposer.propose(request(prompt, [], max_tokens=3), 1).token_ids == [4, 5]
-    assert proposer.propose(request(prompt, [], max_tokens=1), 1) is None
-    assert proposer.propose(request(prompt, [4] * 7, max_tokens=9), 1).token_ids == [4]
-    assert proposer.propose(request(prompt, [4, 5, 6], max_tokens=None), 1).token_ids == [
+    assert propose(proposer, request(prompt, [], max_tokens=3), 1).token_ids == [4, 5]
+    assert propose(proposer, request(prompt, [], max_tokens=1), 1) is None
+    assert propose(proposer, request(prompt, [4] * 7, max_tokens=9), 1).token_ids == [4]
+    assert propose(proposer, request(prompt, [4, 5, 6], max_tokens=None), 1).token_ids == [
         7, 1, 2, 3]
-    assert proposer.propose(request(prompt, [4, 5, 6, 7, 1, 2, 3, 4], max_tokens=None), 1
+    assert propose(proposer, request(prompt, [4, 5, 6, 7, 1, 2, 3, 4], max_tokens=None), 1
                             ).token_ids == [5]  # the context ends after it
-    assert proposer.propose(request(prompt, [4, 5, 6, 7, 1, 2, 3, 4, 5], max_tokens=None), 1) is None
+    assert propose(proposer, request(prompt, [4, 5, 6, 7, 1, 2, 3, 4, 5], max_tokens=None), 1) is None
 
 
 def test_constrained_and_finished_requests_get_no_proposal():
     proposer = NgramProposer(EngineConfig(speculative_config=NGRAM).speculative(), 100)
     req = request([1, 2, 1], [], max_tokens=None)
     req.constraint = object()  # any grammar: it makes drafts of its own
-    assert proposer.propose(req, 1) is None
+    assert propose(proposer, req, 1) is None
     req = request([1, 2, 1], [], max_tokens=None)
     req.finish_reason = "stop"
-    assert proposer.propose(req, 1) is None
+    assert propose(proposer, req, 1) is None
 
 
 def test_no_proposals_past_disable_by_batch_size():
     proposer = NgramProposer(EngineConfig(speculative_config={**NGRAM, "disable_by_batch_size": 3}).speculative(), 100)
     prompt = [1, 2, 3, 4, 5, 6, 7, 1, 2, 3]
-    assert proposer.propose(request(prompt, [], max_tokens=None), 3) is not None
-    assert proposer.propose(request(prompt, [], max_tokens=None), 4) is None
+    assert propose(proposer, request(prompt, [], max_tokens=None), 3) is not None
+    assert propose(proposer, request(prompt, [], max_tokens=None), 4) is None
 
 
 def test_poorly_accepted_proposals_back_off_and_good_ones_reset():
@@ -101,11 +115,11 @@ def test_poorly_accepted_proposals_back_off_and_good_ones_reset():
 
     def steps_until_the_next_proposal() -> int:
         skipped = 0
-        while proposer.propose(req, 1) is None:
+        while propose(proposer, req, 1, MIN_ACCEPTANCE) is None:
             skipped += 1
         return skipped
 
-    assert proposer.propose(req, 1) is not None
+    assert propose(proposer, req, 1, MIN_ACCEPTANCE) is not None
     req.proposal_state.checked(4, 4)  # average (MIN_ACCEPTANCE + 1) / 2 = 0.7
     assert steps_until_the_next_proposal() == 0
     waits = []
@@ -125,11 +139,40 @@ def test_poorly_accepted_proposals_back_off_and_good_ones_reset():
 def test_a_first_miss_backs_off_and_the_bar_rises_with_the_batch():
     assert min_acceptance(1) == min_acceptance(4) == MIN_ACCEPTANCE
     assert min_acceptance(8) == pytest.approx(0.56)
-    state = ProposalState(2, 4)
+    state = ProposalState()
     state.checked(1, 4)  # (0.4 + 0.25) / 2 = 0.325: below the bar from the first proposal
     assert state.wait == 1
-    state = ProposalState(2, 4)
+    state = ProposalState()
     state.checked(3, 4)  # 0.575
     assert state.wait == 0
     state.checked(2, 4, min_acceptance(8))  # 0.54 is enough alone, not with 8 running
     assert state.wait == 1
+
+
+def test_proposal_length_follows_acceptance_and_the_batch():
+    # token i comes true with ~acceptance**i; it is proposed while that pays for its row
+    # (0.07 per running request), and a probe of one token is always allowed
+    assert proposal_length(1.0, 1, 4) == 4
+    assert proposal_length(0.4, 1, 4) == 2  # 0.16 >= 0.07 > 0.064
+    assert proposal_length(0.4, 4, 4) == 1  # 0.16 < 0.28
+    assert proposal_length(0.9, 8, 4) == 4  # 0.9**4 = 0.66 >= 0.56
+    assert proposal_length(0.85, 8, 4) == 3
+    assert proposal_length(0.1, 16, 4) == 1
+    proposer = NgramProposer(EngineConfig(speculative_config=NGRAM).speculative(), 100)
+    prompt = [1, 2, 3, 4, 5, 6, 7, 1, 2, 3]
+    assert propose(proposer, request(prompt, [], max_tokens=None), 1, 0.4).token_ids == [4, 5]
+    assert propose(proposer, request(prompt, [], max_tokens=None), 4, 0.4).token_ids == [4]
+
+
+def test_a_steps_proposals_keep_the_pass_within_its_rows():
+    proposer = NgramProposer(EngineConfig(speculative_config=NGRAM).speculative(), 100,
+                             max_pass_rows=7)
+    prompt = [1, 2, 3, 4, 5, 6, 7, 1, 2, 3]
+    reqs = [request(prompt, [], max_tokens=None) for _ in range(3)]
+    for req in reqs:
+        propose(proposer, req, 3)  # creates each state with acceptance 1 (full proposals)
+        req.draft = None
+    proposer.propose(reqs, 3)  # 3 running rows leave 4 for proposals, in order
+    assert [r.draft.token_ids if r.draft else None for r in reqs] == [[4, 5, 6, 7], None, None]
+    proposer.propose(reqs[1:], 5)  # 5 running leave 2
+    assert reqs[1].draft.token_ids == [4, 5] and reqs[2].draft is None

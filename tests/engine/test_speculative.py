@@ -304,10 +304,14 @@ class GreedyPathProposer:
     def __init__(self, path: list[int], k: int) -> None:
         self.path, self.k = path, k
 
-    def propose(self, req: Request, num_running: int) -> Draft | None:
-        n = len(req.output_token_ids)
-        tokens = self.path[n : n + self.k]
-        return Draft(tokens, None, verify_each=True) if tokens else None
+    def propose(self, reqs: list[Request], num_running: int) -> None:
+        for req in reqs:
+            n = len(req.output_token_ids)
+            tokens = self.path[n : n + self.k]
+            req.draft = Draft(tokens, None, verify_each=True) if tokens else None
+
+    def release(self, req: Request) -> None:
+        pass
 
 
 def chi_square_stat(a: collections.Counter, b: collections.Counter, min_count: int = 10):
@@ -363,10 +367,14 @@ def test_rows_of_a_draft():
 
 # --- configuration and metrics ------------------------------------------------------------
 @pytest.mark.parametrize("config,message", [
-    ({"method": "draft_model", "model": "x", "num_speculative_tokens": 3},
-     "draft_model method is not implemented yet; only 'ngram'"),
-    ({"method": "eagle", "num_speculative_tokens": 3}, "method must be 'ngram'.*got 'eagle'"),
+    ({"method": "eagle", "num_speculative_tokens": 3},
+     "method must be 'ngram' .* or 'draft_model'; got 'eagle'"),
     ({"num_speculative_tokens": 3}, "method must be 'ngram'.*got None"),
+    ({"method": "draft_model", "num_speculative_tokens": 3}, "draft_model method needs 'model'"),
+    ({"method": "draft_model", "model": "x"}, "draft_model method needs num_speculative_tokens"),
+    ({"method": "draft_model", "model": "x", "num_speculative_tokens": 3,
+      "prompt_lookup_max": 3}, "unknown or unsupported key.*'prompt_lookup_max'.*the "
+     "draft_model method takes method, model"),
     ({"method": "ngram"}, "needs num_speculative_tokens"),
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens must be an "
      "integer >= 1; got 0"),
@@ -398,12 +406,6 @@ def test_speculative_config_defaults_as_vllm():
     c = parsed(prompt_lookup_min=2)
     assert (c.prompt_lookup_min, c.prompt_lookup_max) == (2, 2)
     assert EngineConfig().speculative() is None
-
-
-def test_the_draft_model_method_is_refused_at_start(model_dir):
-    with pytest.raises(ConfigError, match="draft_model method is not implemented yet"):
-        LLM(model_dir, speculative_config={"method": "draft_model", "model": model_dir,
-                                           "num_speculative_tokens": 3})
 
 
 def test_metrics_export_the_counters_with_vllm_names(spec, prompts):

@@ -65,11 +65,8 @@ def prefill_logits(llm: LLM, prompt: list[int], every_row: bool = False, **kw) -
     `every_row`), from one prefill pass written to the first KV blocks of an idle engine."""
     n = len(prompt)
     blocks = -(-n // llm.engine.config.block_size)
-    meta = AttentionMetadata(
-        slot_mapping=torch.arange(n), num_decode_tokens=0, decode_block_tables=None,
-        decode_context_len=0, decode_mask=None,
-        chunks=[ChunkSequence(0, n, n, torch.arange(blocks))],
-    )
+    meta = AttentionMetadata(slot_mapping=torch.arange(n), rows=None,
+                             chunks=[ChunkSequence(0, n, n, torch.arange(blocks))])
     runner = llm.engine.runner
     ids, positions = torch.tensor(prompt), torch.arange(n)
     rows = torch.arange(n) if every_row else torch.tensor([n - 1])

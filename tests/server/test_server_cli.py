@@ -90,6 +90,7 @@ def test_heads_from_flags_and_yaml(tmp_path):
     ("speculative-config: [ngram]\n", "must be a mapping"),
     ("speculative-config: '{ngram'\n", "not valid JSON"),
     ("speculative-config: {method: eagle}\n", "method must be 'ngram'"),
+    ("speculative-config: {method: draft_model, model: m}\n", "needs num_speculative_tokens"),
     ("max-model-len: lots\n", "not a valid int"),
     ("enable-prefix-caching: 1\n", "true or false"),
     ("- a list\n", "mapping"),
@@ -123,8 +124,8 @@ def test_speculative_config_flag_that_is_not_a_json_object(capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--speculative-config", '{"method": "draft_model", "model": "m", '
-      '"num_speculative_tokens": 3}'], "the draft_model method is not implemented yet"),
+    (["--speculative-config", '{"method": "draft_model", "num_speculative_tokens": 3}'],
+     "the draft_model method needs 'model'"),
     (["--speculative-config", '{"method": "ngram"}'], "needs num_speculative_tokens"),
     (["--tensor-parallel-size", "2"], "tensor_parallel_size=2 is not supported yet"),
     (["--quantization", "awq"], "quantization 'awq' is not supported yet"),
