@@ -53,8 +53,8 @@ class DraftSequence:
     block_hashes: list[int] = field(default_factory=list)
     num_computed: int = 0  # the request's leading tokens whose draft KV is in the cache
     num_published: int = 0  # leading blocks offered to the draft's prefix cache
-    guessed_from: int = 0  # where the last proposal's tokens start among the request's
-    guessed: list[int] = field(default_factory=list)  # its tokens whose KV was written
+    # the last proposal's tokens whose KV was written, after the num_computed known ones
+    guessed: list[int] = field(default_factory=list)
     started: bool = False  # the prefix cache was looked up
 
 
@@ -129,7 +129,7 @@ class DraftModelProposer(Proposer):
                 guesses[req.request_id].append(t)
         for req, seq, k, _ in chunks:
             if k:
-                seq.guessed_from, seq.guessed = req.num_tokens, guesses[req.request_id][:-1]
+                seq.guessed = guesses[req.request_id][:-1]
         return [guesses.get(req.request_id, []) for req, _, _ in wanted]
 
     def _greedy(self, ids: list[int], builder: LayoutBuilder, rows) -> list[int]:
@@ -146,11 +146,11 @@ class DraftModelProposer(Proposer):
         (the next passes overwrite their slots)."""
         if not seq.guessed:
             return
-        kept = req.all_token_ids[seq.guessed_from : seq.guessed_from + len(seq.guessed)]
+        kept = req.all_token_ids[seq.num_computed : seq.num_computed + len(seq.guessed)]
         m = 0
         while m < len(kept) and kept[m] == seq.guessed[m]:
             m += 1
-        seq.num_computed = min(seq.num_computed, seq.guessed_from) + m
+        seq.num_computed += m
         seq.guessed = []
 
     def _reuse_prefix(self, req: Request, seq: DraftSequence) -> None:
