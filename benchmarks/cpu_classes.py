@@ -4,15 +4,18 @@ Each class runs in its own process (the ISA caps must be set before torch starts
   native        the CPU's own instruction sets
   avx2          ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2: torch's and oneDNN's kernels
                 limited to AVX2, so the engine chooses what an AVX2 CPU gets (float32, int8
-                weights for steps of 1-2 rows, no 4-bit path)
+                weights for steps of 1-2 rows, no 4-bit path, the C kernels built for AVX2)
   avx2_no_int8  the same without the int8 weights (int8_max_rows=0): the lever's worth
+  *_torch_ops   native and avx2 with cpu_kernels=torch: the compiled C kernels' worth
+Classes run in rounds, in reverse order every other round (the VM drifts); a class's figures
+are the median over its rounds.
 Measured, through the Python API on the embedded default model, one request at a time:
   - the Pika request (warm system prompt, JSON schema), every turn new to the engine: p50/p90
   - batch-1 decode of a 128-token plain completion: tokens/s
 What the caps do not cover: fbgemm (not used here) ignores them, and the memory system stays
 this machine's; a real AVX2 machine may differ. Results: benchmarks/results/cpu_classes.json.
 
-    python benchmarks/cpu_classes.py [-n 40]
+    python benchmarks/cpu_classes.py [-n 40] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -29,11 +32,17 @@ from pathlib import Path
 from pikaserve.machine import AVX2_KERNEL_CAPS
 
 OUT = Path(__file__).parent / "results" / "cpu_classes.json"
-CLASSES = {"native": ({}, None), "avx2": (AVX2_KERNEL_CAPS, None),
-           "avx2_no_int8": (AVX2_KERNEL_CAPS, 0)}
+# name: (environment, engine arguments)
+CLASSES = {
+    "native": ({}, {}),
+    "native_torch_ops": ({}, {"cpu_kernels": "torch"}),
+    "avx2": (AVX2_KERNEL_CAPS, {}),
+    "avx2_torch_ops": (AVX2_KERNEL_CAPS, {"cpu_kernels": "torch"}),
+    "avx2_no_int8": (AVX2_KERNEL_CAPS, {"int8_max_rows": 0}),
+}
 
 
-def measure(n: int, int8_max_rows: int | None) -> dict:
+def measure(n: int, engine_args: dict) -> dict:
     """Runs in the child process: this class's figures."""
     from pikaserve.bench.workloads import pika_workload
     from pikaserve.engine.sampling_params import SamplingParams, StructuredOutputsParams
@@ -45,7 +54,7 @@ def measure(n: int, int8_max_rows: int | None) -> dict:
     params = SamplingParams(max_tokens=50, temperature=0,
                             structured_outputs=StructuredOutputsParams(json=schema))
     turns = [list(r.messages) for r in workload.requests]
-    llm = LLM(int8_max_rows=int8_max_rows)
+    llm = LLM(**engine_args)
     llm.generate(turns[-3:], params)  # the system prompt into the prefix cache
     pika = []
     for messages in turns[:n]:
@@ -63,6 +72,7 @@ def measure(n: int, int8_max_rows: int | None) -> dict:
         "dtype": str(llm.engine.dtype).removeprefix("torch."),
         "int4_rows": llm.engine.runner.model.int4_rows(),
         "int8_rows": llm.engine.runner.model.int8_rows(),
+        "cpu_kernels": llm.engine.runner.model.decoder_layers[0].kernels is not None,
         "pika_ms": {"p50": statistics.median(pika), "p90": q[8], "n": n},
         "decode_tok_per_s": statistics.median(decode),
     }
@@ -71,27 +81,47 @@ def measure(n: int, int8_max_rows: int | None) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-n", type=int, default=40, help="Pika requests per class")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--int8-max-rows", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--child", type=json.loads, help=argparse.SUPPRESS)  # engine arguments
     args = parser.parse_args()
-    if args.child:
-        print(json.dumps(measure(args.n, args.int8_max_rows)))
+    if args.child is not None:
+        print(json.dumps(measure(args.n, args.child)))
         return 0
+    runs: dict[str, list[dict]] = {name: [] for name in CLASSES}
+    for r in range(args.rounds):
+        for name in list(CLASSES)[:: 1 if r % 2 == 0 else -1]:
+            env, engine_args = CLASSES[name]
+            run = subprocess.run(
+                [sys.executable, __file__, "--child", json.dumps(engine_args), "-n", str(args.n)],
+                env={**os.environ, **env}, capture_output=True, text=True, check=True)
+            got = json.loads(run.stdout.strip().splitlines()[-1])
+            runs[name].append(got)
+            print(f"round {r} {name:17s} {got['dtype']:9s} Pika p50 {got['pika_ms']['p50']:6.1f} ms"
+                  f"  p90 {got['pika_ms']['p90']:6.1f} ms  decode {got['decode_tok_per_s']:5.1f} tok/s")
     results = {}
-    for name, (env, int8_rows) in CLASSES.items():
-        extra = [] if int8_rows is None else ["--int8-max-rows", str(int8_rows)]
-        run = subprocess.run([sys.executable, __file__, "--child", "-n", str(args.n), *extra],
-                             env={**os.environ, **env}, capture_output=True, text=True, check=True)
-        results[name] = {"env": env, **json.loads(run.stdout.strip().splitlines()[-1])}
-        r = results[name]
-        print(f"{name:12s} {r['dtype']:9s} Pika p50 {r['pika_ms']['p50']:6.1f} ms  "
-              f"p90 {r['pika_ms']['p90']:6.1f} ms  decode {r['decode_tok_per_s']:5.1f} tok/s")
-    native, avx2, plain = results["native"], results["avx2"], results["avx2_no_int8"]
+    for name, (env, engine_args) in CLASSES.items():
+        results[name] = {
+            "env": env, "engine_args": engine_args, **runs[name][0],
+            "pika_ms": {"p50": statistics.median(g["pika_ms"]["p50"] for g in runs[name]),
+                        "p90": statistics.median(g["pika_ms"]["p90"] for g in runs[name]),
+                        "n": args.n, "rounds": args.rounds},
+            "decode_tok_per_s": statistics.median(g["decode_tok_per_s"] for g in runs[name]),
+            "rounds": [{"pika_p50_ms": g["pika_ms"]["p50"], "decode_tok_per_s": g["decode_tok_per_s"]}
+                       for g in runs[name]],
+        }
+
+    def ratio(a: str, b: str) -> dict:
+        """a against b: Pika p50 as a fraction of b's (lower is faster), decode speed as a
+        multiple of b's."""
+        x, y = results[a], results[b]
+        return {"pika_p50": x["pika_ms"]["p50"] / y["pika_ms"]["p50"],
+                "decode": x["decode_tok_per_s"] / y["decode_tok_per_s"]}
+
     results["ratios"] = {
-        "avx2_vs_native": {"pika_p50": avx2["pika_ms"]["p50"] / native["pika_ms"]["p50"],
-                           "decode": avx2["decode_tok_per_s"] / native["decode_tok_per_s"]},
-        "int8_on_avx2": {"pika_p50": avx2["pika_ms"]["p50"] / plain["pika_ms"]["p50"],
-                         "decode": avx2["decode_tok_per_s"] / plain["decode_tok_per_s"]},
+        "avx2_vs_native": ratio("avx2", "native"),
+        "int8_on_avx2": ratio("avx2", "avx2_no_int8"),
+        "c_kernels_on_native": ratio("native", "native_torch_ops"),
+        "c_kernels_on_avx2": ratio("avx2", "avx2_torch_ops"),
     }
     OUT.write_text(json.dumps(results, indent=1))
     print(f"wrote {OUT}")

@@ -16,6 +16,7 @@ DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DTYPES = ("auto", "float32", "bfloat16", "float16", "half", "float", "bf16", "fp16", "fp32")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
+CPU_KERNELS = ("auto", "native", "torch")
 
 
 class ConfigError(ValueError):
@@ -56,6 +57,10 @@ class EngineConfig:
     # auto: triton on CUDA (paged attention + fused kernels, attention/triton_backend.py),
     # torch elsewhere; triton on a CPU runs only under TRITON_INTERPRET=1 (tests).
     attention_backend: str = "auto"
+    # CPU: RMSNorm, rope, SiLU * up and attention of decode/draft rows through small C kernels
+    # compiled on first use (kernels/cpu_native.py). auto: where they build (a C compiler is
+    # on PATH) and fit the model; native: required (an error otherwise); torch: never.
+    cpu_kernels: str = "auto"
     quantization: str | None = None  # None: as stored; "gguf": the quantized .gguf file as is
     # CPU + bfloat16: passes of at most this many rows multiply by a Q4 GGUF's 4-bit weights
     # directly (memory-bound, ~4x fewer bytes); bigger ones by the dequantized copy. 0: never.
@@ -110,6 +115,9 @@ class EngineConfig:
                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}; "
                 f"got {self.attention_backend!r}"
             )
+        if self.cpu_kernels not in CPU_KERNELS:
+            raise ConfigError(
+                f"cpu_kernels must be one of {', '.join(CPU_KERNELS)}; got {self.cpu_kernels!r}")
         if self.max_cudagraph_capture_size < 1:
             raise ConfigError("max_cudagraph_capture_size must be >= 1")
         if self.quantization not in (None, "gguf"):

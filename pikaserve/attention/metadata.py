@@ -2,7 +2,8 @@
 
 Built from the step's BatchLayout (TorchBackend.metadata) and passed to the model explicitly.
 Sequences computing a few tokens (decodes, drafts, short forced chunks) are attended together
-as query rows (RowBatch); longer chunks (prefill) one SDPA call each (ChunkSequence).
+as query rows (RowBatch in PyTorch, PagedRows with the compiled CPU kernel); longer chunks
+(prefill) one SDPA call each (ChunkSequence).
 """
 
 from __future__ import annotations
@@ -47,7 +48,19 @@ class RowBatch:
 
 
 @dataclass(slots=True)
+class PagedRows:
+    """The same sequences as a RowBatch, for the CPU kernel (kernels/cpu_native.py), which
+    reads keys through the block tables itself: one entry per new token (query row)."""
+
+    block_tables: torch.Tensor  # [S, max_blocks] int64
+    row_tokens: torch.Tensor  # [R] int64: the row's token in the flat batch
+    row_seqs: torch.Tensor  # [R] int64: its sequence (row of block_tables)
+    row_lens: torch.Tensor  # [R] int64: the keys it sees (its own position + 1)
+    longest: int  # max(row_lens)
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64: flat KV slot each new token is written to
-    rows: RowBatch | None  # the sequences of few tokens, or None when there are none
+    rows: RowBatch | PagedRows | None  # the sequences of few tokens, or None when there are none
     chunks: list[ChunkSequence]  # the others

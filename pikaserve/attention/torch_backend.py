@@ -3,7 +3,8 @@
 KV cache layout per layer: [num_blocks, block_size, num_kv_heads, head_dim]. New keys/values
 are scattered to their slots first; attention then gathers each sequence's blocks. Sequences
 of a few new tokens (decodes, drafts, forced chunks) are batched into one masked attention over
-query rows; longer chunks (prefill) run one SDPA call each.
+query rows, or, with the compiled CPU kernels (kernels/cpu_native.py), attended by one kernel
+call that reads the blocks in place; longer chunks (prefill) run one SDPA call each.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from pikaserve.attention.layout import BatchLayout
-from pikaserve.attention.metadata import AttentionMetadata, ChunkSequence, RowBatch
+from pikaserve.attention.metadata import AttentionMetadata, ChunkSequence, PagedRows, RowBatch
+from pikaserve.kernels.cpu_native import CpuKernels
 
 # Sequences computing at most this many tokens (decodes, drafts, forced chunks) are attended
 # together as query rows; longer ones (prefill chunks) one SDPA call each.
@@ -22,10 +24,13 @@ MAX_BATCHED_ROWS = 8
 
 class TorchBackend:
     name = "torch"
-    uses_fused_kernels = False
+
+    def __init__(self, native: CpuKernels | None = None) -> None:
+        self.native = native  # the compiled CPU kernels, or None for PyTorch ops only
+        self.fused_kernels = native
 
     def layer(self, num_heads: int, num_kv_heads: int, head_dim: int) -> "TorchPagedAttention":
-        return TorchPagedAttention(num_heads, num_kv_heads, head_dim)
+        return TorchPagedAttention(num_heads, num_kv_heads, head_dim, self.native)
 
     def metadata(
         self, layout: BatchLayout, device: torch.device, dtype: torch.dtype
@@ -48,8 +53,26 @@ class TorchBackend:
             num_blocks = -(-int(ctx) // layout.block_size)
             table = tensor(layout.block_tables[i][:num_blocks])
             chunks.append(ChunkSequence(int(start), int(n), int(ctx), table, mask))
-        rows = _row_batch(layout, np.flatnonzero(short), tensor) if short.any() else None
+        rows: RowBatch | PagedRows | None = None
+        if short.any():
+            make = _row_batch if self.native is None else _paged_rows
+            rows = make(layout, np.flatnonzero(short), tensor)
         return AttentionMetadata(tensor(layout.slot_mapping), rows, chunks)
+
+
+def _paged_rows(layout: BatchLayout, seqs: np.ndarray, tensor) -> PagedRows:
+    """The PagedRows of the layout's sequences `seqs` (in order)."""
+    n, ctx = layout.query_lens[seqs], layout.context_lens[seqs]
+    first_row = np.repeat(np.cumsum(n) - n, n)
+    offset = np.arange(int(n.sum())) - first_row  # a row's place within its sequence
+    row_lens = np.repeat(ctx - n, n) + offset + 1
+    return PagedRows(
+        block_tables=tensor(layout.padded_tables(seqs.tolist())),
+        row_tokens=tensor(np.repeat(layout.query_starts[seqs], n) + offset),
+        row_seqs=tensor(np.repeat(np.arange(len(seqs)), n)),
+        row_lens=tensor(row_lens),
+        longest=int(row_lens.max()),
+    )
 
 
 def _row_batch(layout: BatchLayout, seqs: np.ndarray, tensor) -> RowBatch:
@@ -83,7 +106,10 @@ def _leading(tokens: np.ndarray) -> bool:
 
 
 class TorchPagedAttention:
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, native: CpuKernels | None = None
+    ) -> None:
+        self.native = native
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -105,12 +131,19 @@ class TorchPagedAttention:
         flat_v.index_copy_(0, meta.slot_mapping, v)
 
         rows, chunks = meta.rows, meta.chunks
-        if rows is not None and not chunks and rows.row_tokens is None:
+        if isinstance(rows, RowBatch) and not chunks and rows.row_tokens is None:
             return self._rows(q, k_cache, v_cache, rows)  # every token, in order
         if rows is None and len(chunks) == 1:
             return self._chunk(q, k, v, k_cache, v_cache, chunks[0])
-        out = torch.empty_like(q)
-        if rows is not None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if isinstance(rows, PagedRows):
+            if self.native is None:
+                raise RuntimeError("PagedRows need the compiled CPU kernels")
+            # the compiled kernel reads the blocks in place and writes its rows of out
+            self.native.attention_rows(
+                q, k_cache, v_cache, rows.block_tables, rows.row_tokens, rows.row_seqs,
+                rows.row_lens, rows.longest, self.scale, out)
+        elif rows is not None:
             got = self._rows(q, k_cache, v_cache, rows)
             if rows.row_tokens is None:
                 out[: rows.num_rows] = got

@@ -115,9 +115,11 @@ def split_count(num_qblocks: int, num_kv_heads: int) -> int:
 
 class TritonBackend:
     name = "triton"
-    uses_fused_kernels = True
 
     def __init__(self, num_heads: int, num_kv_heads: int) -> None:
+        from pikaserve.kernels import fused
+
+        self.fused_kernels = fused
         self.block_q = query_block_size(num_heads, num_kv_heads)
         self.num_kv_heads = num_kv_heads
 

@@ -49,7 +49,7 @@ def cpu_has_fast_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"}) and (onednn_isa_cap() or "ALL") in _BF16_ISAS
 
 
-def describe_cpu(dtype: torch.dtype, int4_rows: int, int8_rows: int) -> str:
+def describe_cpu(dtype: torch.dtype, int4_rows: int, int8_rows: int, native: bool) -> str:
     """One line for the start-up log: what the CPU has and which kernels the engine chose."""
     isas = kernel_isas()
     matmul = "bfloat16, native" if dtype == torch.bfloat16 and cpu_has_fast_bf16() else str(dtype).removeprefix("torch.")
@@ -58,8 +58,10 @@ def describe_cpu(dtype: torch.dtype, int4_rows: int, int8_rows: int) -> str:
         small = f"; Q4 GGUF weights used as 4-bit for steps of <= {int4_rows} rows"
     elif int8_rows:
         small = f"; int8 weights (bfloat16 activations) for steps of <= {int8_rows} rows"
+    small_ops = "compiled C kernels" if native else "PyTorch ops"
     return (f"CPU flags {' '.join(cpu_flags()) or 'none of note'}; torch kernels {isas['torch']}, "
-            f"oneDNN cap {isas['onednn_cap']}; matmuls {matmul} (oneDNN, weights reordered once){small}")
+            f"oneDNN cap {isas['onednn_cap']}; matmuls {matmul} (oneDNN, weights reordered once){small}"
+            f"; norms, rope, SiLU and attention of short sequences: {small_ops}")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

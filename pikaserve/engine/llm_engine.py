@@ -55,7 +55,7 @@ class LLMEngine:
 
         def load(path: Path, max_positions: int | None) -> LoadedModel:
             return load_model(path, self.device, self.dtype, max_positions, config.int4_max_rows,
-                              int8_rows, config.attention_backend, kv_dtype)
+                              int8_rows, config.attention_backend, kv_dtype, config.cpu_kernels)
 
         loaded = load(path, config.max_model_len)
         self.model_path = path
@@ -127,7 +127,8 @@ class LLMEngine:
         )
         if self.device.type == "cpu":
             model = loaded.model
-            logger.info(describe_cpu(self.dtype, model.int4_rows(), model.int8_rows()))
+            logger.info(describe_cpu(self.dtype, model.int4_rows(), model.int8_rows(),
+                                     loaded.backend.fused_kernels is not None))
 
     # --- requests -----------------------------------------------------------------------
     def add_request(

@@ -6,14 +6,13 @@ each layer runs three matmuls fewer.
 
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pikaserve.attention.backend import AttentionBackend
+from pikaserve.attention.backend import AttentionBackend, FusedKernels
 from pikaserve.model import onednn_weights
 from pikaserve.model.checkpoint import ModelLoadError
 from pikaserve.model.int4_weights import Int4Groups, PackedInt4, can_pack
@@ -87,11 +86,11 @@ class Embedding(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, factory: dict, kernels: ModuleType | None) -> None:
+    def __init__(self, dim: int, eps: float, factory: dict, kernels: FusedKernels | None) -> None:
         super().__init__()
         self.weight = _weight(dim, factory=factory)
         self.eps = eps
-        self.kernels = kernels  # kernels/fused.py on the triton backend, else None
+        self.kernels = kernels  # the backend's fused_kernels, or None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernels is not None:
@@ -112,7 +111,7 @@ class RMSNorm(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(
         self, cfg: ModelConfig, factory: dict, backend: AttentionBackend,
-        kernels: ModuleType | None,
+        kernels: FusedKernels | None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -175,11 +174,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         factory = {"dtype": dtype, "device": device}
-        kernels: ModuleType | None = None
-        if backend.uses_fused_kernels:
-            from pikaserve.kernels import fused
-
-            kernels = fused
+        kernels = backend.fused_kernels
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, factory)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, factory, backend, kernels) for _ in range(cfg.num_layers))

@@ -123,6 +123,7 @@ def load_model(
     int8_max_rows: int = 0,
     attention_backend: str = "torch",
     kv_cache_dtype: torch.dtype | None = None,
+    cpu_kernels: str = "auto",
 ) -> LoadedModel:
     """int4_max_rows > 0: passes of at most that many rows use a Q4 GGUF's packed 4-bit
     weights; only torch's CPU kernel for bfloat16 exists (its float32 path is ~10x slower).
@@ -131,8 +132,8 @@ def load_model(
     checkpoint, tokenizer = load_checkpoint(path, dtype, keep_int4=use_int4)
     config = ModelConfig.from_hf(checkpoint.config)
     positions = max_positions or config.max_position_embeddings
-    backend = select_backend(attention_backend, device, kv_cache_dtype or dtype,
-                             config.num_heads, config.num_kv_heads)
+    backend = select_backend(attention_backend, device, dtype, kv_cache_dtype or dtype,
+                             config.num_heads, config.num_kv_heads, config.head_dim, cpu_kernels)
     model = LlamaForCausalLM(config, positions, dtype, device, backend)
     if checkpoint.int4:
         model.use_int4(checkpoint.int4, int4_max_rows)

@@ -7,6 +7,7 @@ differ, since rounding may break a near-tie on other CPUs. Every answer must be 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -51,6 +52,7 @@ print(json.dumps({
     "dtype": str(llm.engine.dtype),
     "int4_rows": llm.engine.runner.model.int4_rows(),
     "int8_rows": llm.engine.runner.model.int8_rows(),
+    "cpu_kernels": llm.engine.runner.model.decoder_layers[0].kernels is not None,
     "answers": answers(llm),
 }))
 """
@@ -75,6 +77,7 @@ def test_forced_avx2_choices_give_the_fp32_answers(default_llm_fp32, tmp_path):
     assert "isa:Intel AVX2" in run.stdout + run.stderr  # oneDNN's own report of its ISA
     assert probe["dtype"] == "torch.float32" and probe["int4_rows"] == 0
     assert probe["int8_rows"] == 2 and default_llm_fp32.engine.runner.model.int8_rows() == 0
+    assert probe["cpu_kernels"] == (shutil.which("cc") is not None)  # built for AVX2 there
     reference = answers(default_llm_fp32)
     for answer in probe["answers"]:
         assert answer["emotion"] in LABELS and isinstance(answer["learn_score"], bool)

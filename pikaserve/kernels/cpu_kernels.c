@@ -1,0 +1,281 @@
+/* Fused CPU kernels for the small ops of a decoder layer, and paged attention for query rows.
+
+Why: a CPU decode step of a small model is ~35 eager PyTorch ops per layer around its four
+matmuls, each a few microseconds of dispatch and allocation for a few hundred numbers, and
+attention of one query row is a gather, two batched matmuls and a softmax with the same
+overhead. These kernels do each group in one call (kernels/cpu_native.py compiles this file
+with the machine's C compiler and calls it through ctypes).
+
+Numerics follow kernels/fused.py (the Triton kernels) and the eager model: every value the
+eager code rounds to the model dtype is rounded here too. Attention keeps scores and
+probabilities in float32 and rounds only its output, as SDPA does.
+
+Each kernel is written once with a constant `bf` (0: float32, 1: bfloat16 as raw uint16_t
+bits), always inlined into its two exported versions, _f32 and _bf16, so the compiler
+specialises and vectorises each. Tensors are row-major; strides are in elements.
+*/
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_DIM 256 /* head_dim */
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE float load(const void *p, int64_t i, int bf) {
+    if (!bf) return ((const float *)p)[i];
+    uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+INLINE uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16; /* nearest even, as torch */
+    uint32_t nan = (u >> 16) | 0x40u;                           /* a NaN stays a quiet NaN */
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+}
+
+INLINE void store(void *p, int64_t i, float x, int bf) {
+    if (bf)
+        ((uint16_t *)p)[i] = to_bf16(x);
+    else
+        ((float *)p)[i] = x;
+}
+
+/* x as the model dtype would hold it */
+INLINE float round_to(float x, int bf) {
+    if (!bf) return x;
+    uint32_t u = (uint32_t)to_bf16(x) << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* exp for float32, ~1 ulp, written so that loops calling it vectorise */
+INLINE float exp_f32(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    /* k = round(x / ln 2) by the 1.5 * 2^23 trick: floorf would not vectorise */
+    float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = x - k * 0.693145751953125f - k * 1.428606765330187e-06f;
+    float p = 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    uint32_t bits = (uint32_t)((int32_t)k + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
+/* out = weight * rms_norm(s) with s = x, or s = x + residual (rounded, and written to sum) */
+INLINE void rms_norm(const void *restrict x, int64_t stride_x, const void *restrict residual,
+                     int64_t stride_res, const void *restrict weight, void *restrict sum,
+                     void *restrict out, int64_t rows, int64_t width, float eps, int bf) {
+    float *s = malloc(sizeof(float) * width);
+    for (int64_t t = 0; t < rows; t++) {
+        int64_t xo = t * stride_x, ro = t * stride_res, o = t * width;
+        if (residual) {
+            for (int64_t i = 0; i < width; i++) {
+                float v = round_to(load(x, xo + i, bf) + load(residual, ro + i, bf), bf);
+                store(sum, o + i, v, bf);
+                s[i] = v;
+            }
+        } else {
+            for (int64_t i = 0; i < width; i++) s[i] = load(x, xo + i, bf);
+        }
+        float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t i = 0; i < width; i++) squares += s[i] * s[i];
+        float inv = 1.0f / sqrtf(squares / (float)width + eps);
+        for (int64_t i = 0; i < width; i++)
+            store(out, o + i, load(weight, i, bf) * round_to(s[i] * inv, bf), bf);
+    }
+    free(s);
+}
+
+/* rotate-half RoPE of qk [tokens, heads, dim] (strided) with per-token cos and signed sin
+   tables [tokens, dim]; out is contiguous. Rounded once, like kernels/fused.py. */
+INLINE void rotary(const void *restrict qk, int64_t stride_t, int64_t stride_h,
+                   const void *restrict cos, int64_t stride_cos, const void *restrict sin,
+                   int64_t stride_sin, void *restrict out, int64_t tokens, int64_t heads,
+                   int64_t dim, int bf) {
+    int64_t half = dim / 2;
+    for (int64_t t = 0; t < tokens; t++) {
+        int64_t c = t * stride_cos, s = t * stride_sin;
+        for (int64_t h = 0; h < heads; h++) {
+            int64_t x = t * stride_t + h * stride_h, o = (t * heads + h) * dim;
+            for (int64_t d = 0; d < half; d++)
+                store(out, o + d, load(qk, x + d, bf) * load(cos, c + d, bf)
+                                  + load(qk, x + d + half, bf) * load(sin, s + d, bf), bf);
+            for (int64_t d = half; d < dim; d++)
+                store(out, o + d, load(qk, x + d, bf) * load(cos, c + d, bf)
+                                  + load(qk, x + d - half, bf) * load(sin, s + d, bf), bf);
+        }
+    }
+}
+
+/* out [rows, inter] = silu(gate) * up for gate_up [rows, 2 * inter] (gate first) */
+INLINE void silu_mul(const void *restrict gate_up, int64_t stride, void *restrict out,
+                     int64_t rows, int64_t inter, int bf) {
+    for (int64_t t = 0; t < rows; t++) {
+        int64_t g = t * stride, u = g + inter, o = t * inter;
+        for (int64_t i = 0; i < inter; i++) {
+            float x = load(gate_up, g + i, bf);
+            float silu = round_to(x / (1.0f + exp_f32(-x)), bf);
+            store(out, o + i, silu * load(gate_up, u + i, bf), bf);
+        }
+    }
+}
+
+/* Where key j of a sequence (KV head h) lies in a paged cache. The division is by a power of
+   two in practice (block sizes 1-32), which the shift below serves without an integer divide. */
+INLINE int64_t key_offset(const int64_t *table, int64_t j, int64_t block_size, int64_t kv_heads,
+                          int64_t h, int64_t dim) {
+    int64_t block, within;
+    if ((block_size & (block_size - 1)) == 0) {
+        int shift = __builtin_ctzll((unsigned long long)block_size);
+        block = j >> shift;
+        within = j & (block_size - 1);
+    } else {
+        block = j / block_size;
+        within = j % block_size;
+    }
+    return ((table[block] * block_size + within) * kv_heads + h) * dim;
+}
+
+/* 16 floats in GCC's portable vector type: AVX512 registers, two AVX2 ones, four NEON ones. */
+#define LANES 16
+typedef float vfloat __attribute__((vector_size(4 * LANES)));
+typedef uint32_t vuint __attribute__((vector_size(4 * LANES)));
+typedef uint16_t vhalf __attribute__((vector_size(2 * LANES)));
+typedef float vfloat4 __attribute__((vector_size(16)));
+
+INLINE vfloat vload(const void *p, int64_t i, int bf) {
+    vfloat v;
+    if (!bf) {
+        memcpy(&v, (const float *)p + i, sizeof v);
+        return v;
+    }
+    vhalf h;
+    memcpy(&h, (const uint16_t *)p + i, sizeof h);
+    vuint u = __builtin_convertvector(h, vuint) << 16;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
+INLINE float hsum(vfloat v) {
+    vfloat4 parts[LANES / 4];
+    memcpy(parts, &v, sizeof v);
+    vfloat4 s = parts[0];
+    for (int i = 1; i < LANES / 4; i++) s += parts[i];
+    return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+/* One (row, KV head) task of attention_rows: the group of query heads at q_row + g * stride_h
+   attend to `len` keys through `table`, written to out_row + g * dim. head_dim is `nv` vectors
+   of 16 floats, a constant for the usual sizes once inlined, so a query head and its
+   accumulators stay in registers while it runs over the keys (which stay in L1/L2 for the
+   next head of the group). */
+INLINE void attend(const void *restrict q, int64_t q_row, int64_t stride_h,
+                   const void *restrict k_cache, const void *restrict v_cache,
+                   const int64_t *table, int64_t len, int64_t group, int64_t h, int64_t kv_heads,
+                   int64_t nv, int64_t block_size, float scale, void *restrict out,
+                   int64_t out_row, int bf) {
+    int64_t dim = nv * LANES;
+    int64_t *where = malloc(sizeof(int64_t) * len); /* each key's offset in the cache */
+    float *scores = malloc(sizeof(float) * len);
+    for (int64_t j = 0; j < len; j++) where[j] = key_offset(table, j, block_size, kv_heads, h, dim);
+    for (int64_t g = 0; g < group; g++) {
+        vfloat qv[MAX_DIM / LANES], acc[MAX_DIM / LANES];
+        for (int64_t c = 0; c < nv; c++) qv[c] = vload(q, q_row + g * stride_h + c * LANES, bf);
+        float top = -INFINITY;
+        for (int64_t j = 0; j < len; j++) {
+            vfloat dot = qv[0] * vload(k_cache, where[j], bf);
+            for (int64_t c = 1; c < nv; c++) dot += qv[c] * vload(k_cache, where[j] + c * LANES, bf);
+            scores[j] = hsum(dot) * scale;
+            top = scores[j] > top ? scores[j] : top;
+        }
+        float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+        for (int64_t j = 0; j < len; j++) {
+            scores[j] = exp_f32(scores[j] - top);
+            total += scores[j];
+        }
+        for (int64_t c = 0; c < nv; c++) acc[c] = (vfloat){0};
+        for (int64_t j = 0; j < len; j++)
+            for (int64_t c = 0; c < nv; c++)
+                acc[c] += scores[j] * vload(v_cache, where[j] + c * LANES, bf);
+        float inv = 1.0f / total;
+        for (int64_t c = 0; c < nv; c++)
+            for (int64_t i = 0; i < LANES; i++)
+                store(out, out_row + g * dim + c * LANES + i, acc[c][i] * inv, bf);
+    }
+    free(scores);
+    free(where);
+}
+
+/* Attention of query rows over a paged KV cache [blocks, block_size, kv_heads, dim]. Row r is
+   token row_token[r] of q [T, heads, dim] (rows and heads strided) and of out [T, heads, dim];
+   it sees the first row_len[r] keys of the sequence whose block table is tables[row_seq[r]].
+   One task per (row, KV head) serves that head's group of query heads, so each key is read
+   once per group. */
+INLINE void attention_rows(const void *restrict q, int64_t stride_t, int64_t stride_h,
+                           const void *restrict k_cache, const void *restrict v_cache,
+                           const int64_t *tables, int64_t table_stride, const int64_t *row_token,
+                           const int64_t *row_seq, const int64_t *row_len, int64_t rows,
+                           int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size,
+                           float scale, void *restrict out, int64_t num_threads,
+                           int64_t parallel, int bf) {
+    int64_t group = heads / kv_heads;
+#pragma omp parallel for num_threads(num_threads) schedule(dynamic) if (parallel)
+    for (int64_t task = 0; task < rows * kv_heads; task++) {
+        int64_t r = task / kv_heads, h = task % kv_heads;
+        const int64_t *table = tables + row_seq[r] * table_stride;
+        int64_t q_row = row_token[r] * stride_t + h * group * stride_h;
+        int64_t out_row = (row_token[r] * heads + h * group) * dim;
+#define ATTEND(D)                                                                             \
+    attend(q, q_row, stride_h, k_cache, v_cache, table, row_len[r], group, h, kv_heads, D,    \
+           block_size, scale, out, out_row, bf)
+        if (dim == 64)
+            ATTEND(4);
+        else if (dim == 128)
+            ATTEND(8);
+        else
+            ATTEND(dim / LANES);
+#undef ATTEND
+    }
+}
+
+/* The exported versions: name_f32 and name_bf16 */
+#define EXPORT(name, params, ...)                         \
+    void name##_f32 params { name(__VA_ARGS__, 0); }     \
+    void name##_bf16 params { name(__VA_ARGS__, 1); }
+
+#define P const void *
+EXPORT(rms_norm,
+       (P x, int64_t sx, P res, int64_t sres, P w, void *sum, void *out, int64_t rows,
+        int64_t width, float eps),
+       x, sx, res, sres, w, sum, out, rows, width, eps)
+EXPORT(rotary,
+       (P qk, int64_t st, int64_t sh, P cos, int64_t sc, P sin, int64_t ss, void *out,
+        int64_t tokens, int64_t heads, int64_t dim),
+       qk, st, sh, cos, sc, sin, ss, out, tokens, heads, dim)
+EXPORT(silu_mul, (P gu, int64_t stride, void *out, int64_t rows, int64_t inter),
+       gu, stride, out, rows, inter)
+EXPORT(attention_rows,
+       (P q, int64_t st, int64_t sh, P kc, P vc, const int64_t *tables, int64_t ts,
+        const int64_t *tok, const int64_t *seq, const int64_t *len, int64_t rows, int64_t heads,
+        int64_t kv_heads, int64_t dim, int64_t bs, float scale, void *out, int64_t threads,
+        int64_t parallel),
+       q, st, sh, kc, vc, tables, ts, tok, seq, len, rows, heads, kv_heads, dim, bs, scale, out,
+       threads, parallel)
+
+int64_t max_dim(void) { return MAX_DIM; }
+int64_t dim_multiple(void) { return LANES; }

@@ -1,0 +1,181 @@
+"""The CPU's fused kernels (cpu_kernels.c): built with the machine's C compiler on first use.
+
+A CPU decode step of a small model is mostly eager-op overhead around its matmuls (~35 ops per
+layer at a few microseconds each, docs/performance.md); these kernels do RMSNorm (+ residual),
+rope, SiLU * up and paged attention of query rows in one call each. The model calls them
+through the same four functions as kernels/fused.py (Triton, CUDA); the torch attention
+backend calls `attention_rows`.
+
+The source is compiled once per machine with `cc -O3` for the instruction sets torch's own
+kernels use (so ATEN_CPU_CAPABILITY=avx2 gets AVX2 code here too) and cached under
+~/.cache/pikaserve/kernels (PIKASERVE_CACHE_DIR moves it). Without a compiler, or when the
+build fails, `load("auto")` returns None and everything runs in plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+from pikaserve.config import ConfigError
+from pikaserve.machine import cpu_model, cpu_flags
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+# Attention rows run on several threads (OpenMP) from this many (row, KV head, key) triples;
+# below it one thread is faster than waking the others.
+PARALLEL_WORK = 4096
+
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_SIGNATURES = {
+    "rms_norm": [_P, _I, _P, _I, _P, _P, _P, _I, _I, _F],
+    "rotary": [_P, _I, _I, _P, _I, _P, _I, _P, _I, _I, _I],
+    "silu_mul": [_P, _I, _P, _I, _I],
+    "attention_rows": [_P, _I, _I, _P, _P, _P, _I, _P, _P, _P, _I, _I, _I, _I, _I, _F, _P, _I, _I],
+}
+
+
+class CpuKernels:
+    """Typed wrappers around the compiled library, for float32 and bfloat16 CPU tensors."""
+
+    def __init__(self, library: ctypes.CDLL, path: Path) -> None:
+        self.path = path
+        self._fns = {}
+        for name, argtypes in _SIGNATURES.items():
+            for dtype, suffix in DTYPES.items():
+                fn = getattr(library, f"{name}_{suffix}")
+                fn.argtypes, fn.restype = argtypes, None
+                self._fns[name, dtype] = fn
+        library.max_dim.restype = library.dim_multiple.restype = ctypes.c_int64
+        self.max_dim, self.dim_multiple = library.max_dim(), library.dim_multiple()
+
+    def supports(self, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+        """Whether a model of this dtype and attention shape can run on these kernels."""
+        return (dtype in DTYPES and num_heads % num_kv_heads == 0
+                and head_dim <= self.max_dim and head_dim % self.dim_multiple == 0)
+
+    # The four functions of kernels/fused.py, same arguments and results.
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        out = torch.empty(x.shape, dtype=x.dtype)
+        rows, width = x.shape
+        self._fns["rms_norm", x.dtype](
+            x.data_ptr(), x.stride(0), None, 0, weight.data_ptr(), None, out.data_ptr(),
+            rows, width, eps)
+        return out
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        summed = torch.empty(x.shape, dtype=x.dtype)
+        out = torch.empty_like(summed)
+        rows, width = x.shape
+        self._fns["rms_norm", x.dtype](
+            x.data_ptr(), x.stride(0), residual.data_ptr(), residual.stride(0),
+            weight.data_ptr(), summed.data_ptr(), out.data_ptr(), rows, width, eps)
+        return summed, out
+
+    def rotary(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        tokens, heads, dim = qk.shape
+        out = torch.empty((tokens, heads, dim), dtype=qk.dtype)
+        self._fns["rotary", qk.dtype](
+            qk.data_ptr(), qk.stride(0), qk.stride(1), cos.data_ptr(), cos.stride(0),
+            sin.data_ptr(), sin.stride(0), out.data_ptr(), tokens, heads, dim)
+        return out
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+        out = torch.empty((rows, inter), dtype=gate_up.dtype)
+        self._fns["silu_mul", gate_up.dtype](
+            gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), rows, inter)
+        return out
+
+    def attention_rows(
+        self,
+        q: torch.Tensor,  # [T, Hq, D], rows and heads may be strided, D contiguous
+        k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D], contiguous
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,  # [S, max_blocks] int64
+        row_tokens: torch.Tensor,  # [R] int64: the token (row of q and out) each row is
+        row_seqs: torch.Tensor,  # [R] int64: its sequence (row of block_tables)
+        row_lens: torch.Tensor,  # [R] int64: the keys it sees
+        longest: int,  # max(row_lens)
+        scale: float,
+        out: torch.Tensor,  # [T, Hq, D] contiguous; rows not in row_tokens are left alone
+    ) -> None:
+        _, heads, dim = q.shape
+        _, block_size, kv_heads, _ = k_cache.shape
+        rows = row_tokens.shape[0]
+        threads = torch.get_num_threads()
+        parallel = threads > 1 and rows * kv_heads * longest >= PARALLEL_WORK
+        self._fns["attention_rows", q.dtype](
+            q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
+            block_tables.data_ptr(), block_tables.stride(0), row_tokens.data_ptr(),
+            row_seqs.data_ptr(), row_lens.data_ptr(), rows, heads, kv_heads, dim, block_size,
+            scale, out.data_ptr(), threads, int(parallel))
+
+
+def load(mode: str = "auto") -> CpuKernels | None:
+    """The compiled kernels. mode "torch": None (plain PyTorch); "auto": None when they cannot
+    be built here (logged); "native": a ConfigError then."""
+    if mode == "torch":
+        return None
+    try:
+        path = build()
+        return CpuKernels(ctypes.CDLL(str(path)), path)
+    except (OSError, subprocess.SubprocessError) as e:
+        if mode == "native":
+            raise ConfigError(f"cpu_kernels 'native': could not build {SOURCE.name}: {e}") from e
+        logger.warning("CPU kernels not built (%s); running plain PyTorch ops", e)
+        return None
+
+
+def build() -> Path:
+    """Compile cpu_kernels.c for this machine, or return the cached library."""
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        raise OSError("no C compiler (cc) on PATH")
+    flags = ["-O3", *_isa_flags(), "-fopenmp", "-fno-math-errno", "-std=gnu11", "-shared",
+             "-fPIC"]
+    source = SOURCE.read_bytes()
+    # the CPU's model and flags too: a cache in a shared home must not hand one CPU's
+    # -march=native build to another
+    machine = [compiler, *flags, cpu_model(), *cpu_flags()]
+    key = hashlib.sha256(source + " ".join(machine).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("PIKASERVE_CACHE_DIR", Path.home() / ".cache" / "pikaserve"))
+    path = cache / "kernels" / f"cpu_kernels-{key}.so"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.partial")  # concurrent builds never mix
+    result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(partial), "-lm"],
+                            capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise OSError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
+    os.replace(partial, path)
+    logger.info("built the CPU kernels: %s", path)
+    return path
+
+
+def _isa_flags() -> list[str]:
+    """Code for the instruction sets torch's kernels use: the CPU's own, unless capped by
+    ATEN_CPU_CAPABILITY (then x86-64-v3 for AVX2, the baseline for default)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ["-mcpu=native"]
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX512"):
+        return ["-march=native"]
+    if capability == "AVX2":
+        return ["-march=x86-64-v3", "-mtune=native"]
+    return ["-march=x86-64", "-mtune=native"]
