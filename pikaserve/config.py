@@ -57,9 +57,9 @@ class EngineConfig:
     # auto: triton on CUDA (paged attention + fused kernels, attention/triton_backend.py),
     # torch elsewhere; triton on a CPU runs only under TRITON_INTERPRET=1 (tests).
     attention_backend: str = "auto"
-    # CPU: RMSNorm, rope, SiLU * up and attention of decode/draft rows through small C kernels
-    # compiled on first use (kernels/cpu_native.py). auto: where they build (a C compiler is
-    # on PATH) and fit the model; native: required (an error otherwise); torch: never.
+    # CPU: RMSNorm (+ residual add), rope and attention of decode/draft rows through small C
+    # kernels compiled on first use (kernels/cpu_native.py). auto: where they build (a C
+    # compiler is on PATH) and fit the model; native: required (an error otherwise); torch: never.
     cpu_kernels: str = "auto"
     quantization: str | None = None  # None: as stored; "gguf": the quantized .gguf file as is
     # CPU + bfloat16: passes of at most this many rows multiply by a Q4 GGUF's 4-bit weights

@@ -61,7 +61,7 @@ def describe_cpu(dtype: torch.dtype, int4_rows: int, int8_rows: int, native: boo
     small_ops = "compiled C kernels" if native else "PyTorch ops"
     return (f"CPU flags {' '.join(cpu_flags()) or 'none of note'}; torch kernels {isas['torch']}, "
             f"oneDNN cap {isas['onednn_cap']}; matmuls {matmul} (oneDNN, weights reordered once){small}"
-            f"; norms, rope, SiLU and attention of short sequences: {small_ops}")
+            f"; norms, rope and attention of short sequences: {small_ops}")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -55,7 +55,7 @@ INLINE float round_to(float x, int bf) {
     return f;
 }
 
-/* exp for float32, ~1 ulp, written so that loops calling it vectorise */
+/* exp for float32, ~1 ulp, written so that the softmax loop vectorises */
 INLINE float exp_f32(float x) {
     x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
     /* k = round(x / ln 2) by the 1.5 * 2^23 trick: floorf would not vectorise */
@@ -74,30 +74,60 @@ INLINE float exp_f32(float x) {
     return p * scale;
 }
 
+/* The small ops below run their rows on `threads` OpenMP threads (1: the calling thread
+   alone, which is faster for the few rows of a decode step than waking the others). Inside a
+   parallel loop `bf` is no longer a constant (OpenMP passes it to the loop's own function), so
+   each loop body picks its specialised row function itself. */
+
 /* out = weight * rms_norm(s) with s = x, or s = x + residual (rounded, and written to sum) */
+INLINE void rms_norm_row(const void *restrict x, const void *restrict residual,
+                         const void *restrict weight, void *restrict sum, void *restrict out,
+                         int64_t xo, int64_t ro, int64_t o, int64_t width, float eps, int bf) {
+    float s[width];
+    if (residual) {
+        for (int64_t i = 0; i < width; i++) {
+            float v = round_to(load(x, xo + i, bf) + load(residual, ro + i, bf), bf);
+            store(sum, o + i, v, bf);
+            s[i] = v;
+        }
+    } else {
+        for (int64_t i = 0; i < width; i++) s[i] = load(x, xo + i, bf);
+    }
+    float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t i = 0; i < width; i++) squares += s[i] * s[i];
+    float inv = 1.0f / sqrtf(squares / (float)width + eps);
+    for (int64_t i = 0; i < width; i++)
+        store(out, o + i, load(weight, i, bf) * round_to(s[i] * inv, bf), bf);
+}
+
 INLINE void rms_norm(const void *restrict x, int64_t stride_x, const void *restrict residual,
                      int64_t stride_res, const void *restrict weight, void *restrict sum,
-                     void *restrict out, int64_t rows, int64_t width, float eps, int bf) {
-    float *s = malloc(sizeof(float) * width);
+                     void *restrict out, int64_t rows, int64_t width, float eps,
+                     int64_t threads, int bf) {
+#pragma omp parallel for num_threads(threads) if (threads > 1)
     for (int64_t t = 0; t < rows; t++) {
         int64_t xo = t * stride_x, ro = t * stride_res, o = t * width;
-        if (residual) {
-            for (int64_t i = 0; i < width; i++) {
-                float v = round_to(load(x, xo + i, bf) + load(residual, ro + i, bf), bf);
-                store(sum, o + i, v, bf);
-                s[i] = v;
-            }
-        } else {
-            for (int64_t i = 0; i < width; i++) s[i] = load(x, xo + i, bf);
-        }
-        float squares = 0.0f;
-#pragma omp simd reduction(+ : squares)
-        for (int64_t i = 0; i < width; i++) squares += s[i] * s[i];
-        float inv = 1.0f / sqrtf(squares / (float)width + eps);
-        for (int64_t i = 0; i < width; i++)
-            store(out, o + i, load(weight, i, bf) * round_to(s[i] * inv, bf), bf);
+        if (bf)
+            rms_norm_row(x, residual, weight, sum, out, xo, ro, o, width, eps, 1);
+        else
+            rms_norm_row(x, residual, weight, sum, out, xo, ro, o, width, eps, 0);
     }
-    free(s);
+}
+
+/* rotate-half RoPE of one token's heads */
+INLINE void rotary_row(const void *restrict qk, int64_t x, int64_t stride_h,
+                       const void *restrict cos, int64_t c, const void *restrict sin, int64_t s,
+                       void *restrict out, int64_t o, int64_t heads, int64_t dim, int bf) {
+    int64_t half = dim / 2;
+    for (int64_t h = 0; h < heads; h++, x += stride_h, o += dim) {
+        for (int64_t d = 0; d < half; d++)
+            store(out, o + d, load(qk, x + d, bf) * load(cos, c + d, bf)
+                              + load(qk, x + d + half, bf) * load(sin, s + d, bf), bf);
+        for (int64_t d = half; d < dim; d++)
+            store(out, o + d, load(qk, x + d, bf) * load(cos, c + d, bf)
+                              + load(qk, x + d - half, bf) * load(sin, s + d, bf), bf);
+    }
 }
 
 /* rotate-half RoPE of qk [tokens, heads, dim] (strided) with per-token cos and signed sin
@@ -105,32 +135,14 @@ INLINE void rms_norm(const void *restrict x, int64_t stride_x, const void *restr
 INLINE void rotary(const void *restrict qk, int64_t stride_t, int64_t stride_h,
                    const void *restrict cos, int64_t stride_cos, const void *restrict sin,
                    int64_t stride_sin, void *restrict out, int64_t tokens, int64_t heads,
-                   int64_t dim, int bf) {
-    int64_t half = dim / 2;
+                   int64_t dim, int64_t threads, int bf) {
+#pragma omp parallel for num_threads(threads) if (threads > 1)
     for (int64_t t = 0; t < tokens; t++) {
-        int64_t c = t * stride_cos, s = t * stride_sin;
-        for (int64_t h = 0; h < heads; h++) {
-            int64_t x = t * stride_t + h * stride_h, o = (t * heads + h) * dim;
-            for (int64_t d = 0; d < half; d++)
-                store(out, o + d, load(qk, x + d, bf) * load(cos, c + d, bf)
-                                  + load(qk, x + d + half, bf) * load(sin, s + d, bf), bf);
-            for (int64_t d = half; d < dim; d++)
-                store(out, o + d, load(qk, x + d, bf) * load(cos, c + d, bf)
-                                  + load(qk, x + d - half, bf) * load(sin, s + d, bf), bf);
-        }
-    }
-}
-
-/* out [rows, inter] = silu(gate) * up for gate_up [rows, 2 * inter] (gate first) */
-INLINE void silu_mul(const void *restrict gate_up, int64_t stride, void *restrict out,
-                     int64_t rows, int64_t inter, int bf) {
-    for (int64_t t = 0; t < rows; t++) {
-        int64_t g = t * stride, u = g + inter, o = t * inter;
-        for (int64_t i = 0; i < inter; i++) {
-            float x = load(gate_up, g + i, bf);
-            float silu = round_to(x / (1.0f + exp_f32(-x)), bf);
-            store(out, o + i, silu * load(gate_up, u + i, bf), bf);
-        }
+        int64_t x = t * stride_t, c = t * stride_cos, s = t * stride_sin, o = t * heads * dim;
+        if (bf)
+            rotary_row(qk, x, stride_h, cos, c, sin, s, out, o, heads, dim, 1);
+        else
+            rotary_row(qk, x, stride_h, cos, c, sin, s, out, o, heads, dim, 0);
     }
 }
 
@@ -240,15 +252,17 @@ INLINE void attention_rows(const void *restrict q, int64_t stride_t, int64_t str
         const int64_t *table = tables + row_seq[r] * table_stride;
         int64_t q_row = row_token[r] * stride_t + h * group * stride_h;
         int64_t out_row = (row_token[r] * heads + h * group) * dim;
-#define ATTEND(D)                                                                             \
+#define ATTEND(D, BF)                                                                         \
     attend(q, q_row, stride_h, k_cache, v_cache, table, row_len[r], group, h, kv_heads, D,    \
-           block_size, scale, out, out_row, bf)
-        if (dim == 64)
-            ATTEND(4);
-        else if (dim == 128)
-            ATTEND(8);
+           block_size, scale, out, out_row, BF)
+        if (bf && dim == 64)
+            ATTEND(4, 1);
+        else if (dim == 64)
+            ATTEND(4, 0);
+        else if (bf)
+            ATTEND(dim / LANES, 1);
         else
-            ATTEND(dim / LANES);
+            ATTEND(dim / LANES, 0);
 #undef ATTEND
     }
 }
@@ -261,14 +275,12 @@ INLINE void attention_rows(const void *restrict q, int64_t stride_t, int64_t str
 #define P const void *
 EXPORT(rms_norm,
        (P x, int64_t sx, P res, int64_t sres, P w, void *sum, void *out, int64_t rows,
-        int64_t width, float eps),
-       x, sx, res, sres, w, sum, out, rows, width, eps)
+        int64_t width, float eps, int64_t threads),
+       x, sx, res, sres, w, sum, out, rows, width, eps, threads)
 EXPORT(rotary,
        (P qk, int64_t st, int64_t sh, P cos, int64_t sc, P sin, int64_t ss, void *out,
-        int64_t tokens, int64_t heads, int64_t dim),
-       qk, st, sh, cos, sc, sin, ss, out, tokens, heads, dim)
-EXPORT(silu_mul, (P gu, int64_t stride, void *out, int64_t rows, int64_t inter),
-       gu, stride, out, rows, inter)
+        int64_t tokens, int64_t heads, int64_t dim, int64_t threads),
+       qk, st, sh, cos, sc, sin, ss, out, tokens, heads, dim, threads)
 EXPORT(attention_rows,
        (P q, int64_t st, int64_t sh, P kc, P vc, const int64_t *tables, int64_t ts,
         const int64_t *tok, const int64_t *seq, const int64_t *len, int64_t rows, int64_t heads,

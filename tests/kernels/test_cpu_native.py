@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pikaserve.attention.backend import select_backend
 from pikaserve.attention.layout import LayoutBuilder
@@ -79,11 +78,26 @@ def test_rotary_of_a_strided_view(kernels, dtype, tokens, dim):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens,inter", [(1, 1536), (6, 100), (0, 64)])
-def test_silu_mul(kernels, dtype, tokens, inter):
-    gate_up = randn(tokens, 2 * inter, dtype=dtype, seed=5) * 4
-    gate, up = gate_up.chunk(2, -1)
-    assert_matches(kernels.silu_mul(gate_up), F.silu(gate) * up)
+def test_small_ops_run_alike_on_one_thread_and_several(kernels, dtype, monkeypatch):
+    x, residual = randn(40, 576, dtype=dtype, seed=8), randn(40, 576, dtype=dtype, seed=9)
+    weight = randn(576, dtype=dtype, seed=10)
+    qk = randn(40, 12, 64, dtype=dtype, seed=11)
+    cos, sin = randn(40, 64, dtype=dtype, seed=12), randn(40, 64, dtype=dtype, seed=13)
+
+    def run():
+        return (*kernels.add_rms_norm(x, residual, weight, 1e-5), kernels.rotary(qk, cos, sin))
+
+    monkeypatch.setattr(cpu_native, "PARALLEL_ELEMENTS", 10**9)
+    serial = run()
+    monkeypatch.setattr(cpu_native, "PARALLEL_ELEMENTS", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        parallel = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(serial, parallel):
+        assert torch.equal(a, b)
 
 
 def paged_step(seqs, block_size, heads, kv_heads, dim, dtype, seed):
