@@ -23,23 +23,32 @@ from pikaserve.engine.request import Request
 
 MAX_BACKOFF = 64  # steps a request at most waits between proposals
 MIN_ACCEPTANCE = 0.4  # below this average share of accepted tokens, a request backs off
-# Per running request, the share of a proposal that must be accepted to pay for its rows.
-# Measured on this project's 2-core CPU (default model): a row costs ~1.1 ms against a pass
-# of 13 ms at 4 requests and 18 ms at 8, so proposals broke even at ~0.33 and ~0.5 accepted.
-ACCEPTANCE_PER_REQUEST = 0.07
+# The share of a proposed token that must come true to pay for its row: this much per running
+# request, at most ROW_SHARE_MAX. Measured on this project's 2-core CPU (default model, the
+# compiled CPU kernels): decode passes of 1, 2, 4, 8 and 12 rows took 6.5, 7.6, 8.7, 13.5 and
+# 17.2 ms, so a row added to a pass of n requests cost 0.15-0.17 of a token's share at n <= 2
+# and 0.49-0.55 from n = 4 on (the 4-bit matmuls leave pure streaming past a few rows).
+ACCEPTANCE_PER_REQUEST = 0.14
+ROW_SHARE_MAX = 0.55
+
+
+def row_share(num_running: int) -> float:
+    """The acceptance a proposed token needs to pay for its row, with `num_running` requests
+    in the batch."""
+    return min(ACCEPTANCE_PER_REQUEST * num_running, ROW_SHARE_MAX)
 
 
 def min_acceptance(num_running: int) -> float:
     """The average share accepted below which a request backs off, with `num_running`
     requests in the batch."""
-    return max(MIN_ACCEPTANCE, ACCEPTANCE_PER_REQUEST * num_running)
+    return max(MIN_ACCEPTANCE, row_share(num_running))
 
 
 def proposal_length(acceptance: float, num_running: int, most: int) -> int:
     """How many tokens a request with this average acceptance proposes: its i-th token comes
-    true with about acceptance**i, and is worth its row while that is at least a row's
-    break-even share (ACCEPTANCE_PER_REQUEST per running request). At least one: a probe."""
-    row_cost = ACCEPTANCE_PER_REQUEST * num_running
+    true with about acceptance**i, and is worth its row while that is at least the row's
+    share (row_share). At least one: a probe."""
+    row_cost = row_share(num_running)
     k = 1
     while k < most and acceptance ** (k + 1) >= row_cost:
         k += 1

@@ -137,8 +137,8 @@ def test_poorly_accepted_proposals_back_off_and_good_ones_reset():
 
 
 def test_a_first_miss_backs_off_and_the_bar_rises_with_the_batch():
-    assert min_acceptance(1) == min_acceptance(4) == MIN_ACCEPTANCE
-    assert min_acceptance(8) == pytest.approx(0.56)
+    assert min_acceptance(1) == min_acceptance(2) == MIN_ACCEPTANCE
+    assert min_acceptance(4) == min_acceptance(8) == pytest.approx(0.55)
     state = ProposalState()
     state.checked(1, 4)  # (0.4 + 0.25) / 2 = 0.325: below the bar from the first proposal
     assert state.wait == 1
@@ -151,11 +151,12 @@ def test_a_first_miss_backs_off_and_the_bar_rises_with_the_batch():
 
 def test_proposal_length_follows_acceptance_and_the_batch():
     # token i comes true with ~acceptance**i; it is proposed while that pays for its row
-    # (0.07 per running request), and a probe of one token is always allowed
+    # (0.14 per running request, at most 0.55), and a probe of one token is always allowed
     assert proposal_length(1.0, 1, 4) == 4
-    assert proposal_length(0.4, 1, 4) == 2  # 0.16 >= 0.07 > 0.064
-    assert proposal_length(0.4, 4, 4) == 1  # 0.16 < 0.28
-    assert proposal_length(0.9, 8, 4) == 4  # 0.9**4 = 0.66 >= 0.56
+    assert proposal_length(0.4, 1, 4) == 2  # 0.16 >= 0.14 > 0.064
+    assert proposal_length(0.6, 2, 4) == 2  # 0.36 >= 0.28 > 0.216
+    assert proposal_length(0.4, 4, 4) == 1  # 0.16 < 0.55
+    assert proposal_length(0.9, 8, 4) == 4  # 0.9**4 = 0.66 >= 0.55
     assert proposal_length(0.85, 8, 4) == 3
     assert proposal_length(0.1, 16, 4) == 1
     proposer = NgramProposer(EngineConfig(speculative_config=NGRAM).speculative(), 100)
