@@ -1,10 +1,10 @@
 """The attention backend interface, and which backend a device gets.
 
 A backend makes one attention object per layer and turns a step's BatchLayout into the
-metadata its layers read. `torch` (attention/torch_backend.py) runs anywhere in plain PyTorch, and on a CPU uses the
-compiled kernels of kernels/cpu_native.py where they build; `triton`
-(attention/triton_backend.py) is for CUDA: one launch per layer for any mix of decode rows,
-prefill chunks and drafts, plus fused kernels for the small ops around attention.
+metadata its layers read. `torch` (attention/torch_backend.py) runs anywhere in plain
+PyTorch, and on a CPU uses the compiled kernels of kernels/cpu_native.py where they build;
+`triton` (attention/triton_backend.py) is for CUDA: one launch per layer for any mix of decode
+rows, prefill chunks and drafts, plus fused kernels for the small ops around attention.
 """
 
 from __future__ import annotations

@@ -27,7 +27,10 @@ class TorchBackend:
 
     def __init__(self, native: CpuKernels | None = None) -> None:
         self.native = native  # the compiled CPU kernels, or None for PyTorch ops only
-        self.fused_kernels = native
+
+    @property
+    def fused_kernels(self) -> CpuKernels | None:
+        return self.native
 
     def layer(self, num_heads: int, num_kv_heads: int, head_dim: int) -> "TorchPagedAttention":
         return TorchPagedAttention(num_heads, num_kv_heads, head_dim, self.native)

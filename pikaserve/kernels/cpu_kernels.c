@@ -233,6 +233,25 @@ INLINE void attend(const void *restrict q, int64_t q_row, int64_t stride_h,
     free(where);
 }
 
+/* attend() with the usual head sizes (64, 128) as constants. Called with a constant `bf`
+   inside the parallel loop: OpenMP hands the loop's variables over at run time, so the dtype
+   is chosen per task, not inherited as a constant. */
+INLINE void attend_sized(const void *restrict q, int64_t q_row, int64_t stride_h,
+                         const void *restrict k_cache, const void *restrict v_cache,
+                         const int64_t *table, int64_t len, int64_t group, int64_t h,
+                         int64_t kv_heads, int64_t nv, int64_t block_size, float scale,
+                         void *restrict out, int64_t out_row, int bf) {
+    if (nv == 4)
+        attend(q, q_row, stride_h, k_cache, v_cache, table, len, group, h, kv_heads, 4,
+               block_size, scale, out, out_row, bf);
+    else if (nv == 8)
+        attend(q, q_row, stride_h, k_cache, v_cache, table, len, group, h, kv_heads, 8,
+               block_size, scale, out, out_row, bf);
+    else
+        attend(q, q_row, stride_h, k_cache, v_cache, table, len, group, h, kv_heads, nv,
+               block_size, scale, out, out_row, bf);
+}
+
 /* Attention of query rows over a paged KV cache [blocks, block_size, kv_heads, dim]. Row r is
    token row_token[r] of q [T, heads, dim] (rows and heads strided) and of out [T, heads, dim];
    it sees the first row_len[r] keys of the sequence whose block table is tables[row_seq[r]].
@@ -252,18 +271,12 @@ INLINE void attention_rows(const void *restrict q, int64_t stride_t, int64_t str
         const int64_t *table = tables + row_seq[r] * table_stride;
         int64_t q_row = row_token[r] * stride_t + h * group * stride_h;
         int64_t out_row = (row_token[r] * heads + h * group) * dim;
-#define ATTEND(D, BF)                                                                         \
-    attend(q, q_row, stride_h, k_cache, v_cache, table, row_len[r], group, h, kv_heads, D,    \
-           block_size, scale, out, out_row, BF)
-        if (bf && dim == 64)
-            ATTEND(4, 1);
-        else if (dim == 64)
-            ATTEND(4, 0);
-        else if (bf)
-            ATTEND(dim / LANES, 1);
+if (bf)
+            attend_sized(q, q_row, stride_h, k_cache, v_cache, table, row_len[r], group, h,
+                         kv_heads, dim / LANES, block_size, scale, out, out_row, 1);
         else
-            ATTEND(dim / LANES, 0);
-#undef ATTEND
+            attend_sized(q, q_row, stride_h, k_cache, v_cache, table, row_len[r], group, h,
+                         kv_heads, dim / LANES, block_size, scale, out, out_row, 0);
     }
 }
 
