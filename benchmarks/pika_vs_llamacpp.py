@@ -10,6 +10,19 @@ Results (JSON, CSV, PNG) go to benchmarks/results/pika_vs_llamacpp/{pika,decode}
 
 llama.cpp comes from `pip install "llama-cpp-python[server]"` in its own venv (never a project
 dependency); pass its python with --llamacpp-python (default /opt/llamacpp-venv/bin/python).
+The instruction sets its build uses are written to llamacpp_system_info.txt beside the results.
+
+The AVX2 class on an AVX512 machine: cap pikaserve's kernels (its server inherits the
+environment) and give llama.cpp a build without AVX512:
+
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/pika_vs_llamacpp.py \
+        --llamacpp-python /opt/llamacpp-avx2-venv/bin/python \
+        --out benchmarks/results/pika_vs_llamacpp_avx2
+
+with that venv's llama-cpp-python built by CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON
+-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF
+-DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AVX_VNNI=OFF"
+pip install --no-cache-dir "llama-cpp-python[server]".
 """
 
 from __future__ import annotations
@@ -66,6 +79,11 @@ def main() -> int:
     model = str(default_model_path())
     threads = str(len(os.sched_getaffinity(0)))
     args.out.mkdir(parents=True, exist_ok=True)
+    system_info = subprocess.run(
+        [args.llamacpp_python, "-c",
+         "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"],
+        capture_output=True, text=True, check=True).stdout
+    (args.out / "llamacpp_system_info.txt").write_text(system_info)
     ours_port, theirs_port = free_port(), free_port()
     ours_url, theirs_url = f"http://127.0.0.1:{ours_port}", f"http://127.0.0.1:{theirs_port}"
     with ExitStack() as stack:
