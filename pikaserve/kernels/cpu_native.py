@@ -67,7 +67,10 @@ class CpuKernels:
 
     # The four functions of kernels/fused.py, same arguments and results.
 
+    # Rows (and heads) may be strided; the last dimension must be contiguous (_packed).
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x, weight = _packed(x), _packed(weight)
         out = torch.empty(x.shape, dtype=x.dtype)
         rows, width = x.shape
         self._fns["rms_norm", x.dtype](
@@ -78,6 +81,7 @@ class CpuKernels:
     def add_rms_norm(
         self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        x, residual, weight = _packed(x), _packed(residual), _packed(weight)
         summed = torch.empty(x.shape, dtype=x.dtype)
         out = torch.empty_like(summed)
         rows, width = x.shape
@@ -88,6 +92,7 @@ class CpuKernels:
         return summed, out
 
     def rotary(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        qk, cos, sin = _packed(qk), _packed(cos), _packed(sin)
         tokens, heads, dim = qk.shape
         out = torch.empty((tokens, heads, dim), dtype=qk.dtype)
         self._fns["rotary", qk.dtype](
@@ -115,6 +120,7 @@ class CpuKernels:
         scale: float,
         out: torch.Tensor,  # [T, Hq, D] contiguous; rows not in row_tokens are left alone
     ) -> None:
+        q = _packed(q)
         _, heads, dim = q.shape
         _, block_size, kv_heads, _ = k_cache.shape
         rows = row_tokens.shape[0]
@@ -125,6 +131,12 @@ class CpuKernels:
             block_tables.data_ptr(), block_tables.stride(0), row_tokens.data_ptr(),
             row_seqs.data_ptr(), row_lens.data_ptr(), rows, heads, kv_heads, dim, block_size,
             scale, out.data_ptr(), threads, int(parallel))
+
+
+def _packed(t: torch.Tensor) -> torch.Tensor:
+    """t, or a contiguous copy when its last dimension is strided (the kernels step through it
+    one element at a time)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _threads(elements: int) -> int:

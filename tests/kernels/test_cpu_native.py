@@ -59,6 +59,8 @@ def test_rms_norm_and_residual_add(kernels, dtype, tokens, width):
     want_summed, want_normed = norm.add_forward(x, residual)
     assert torch.equal(summed, want_summed)  # one add in the model dtype: exact
     assert_matches(normed, want_normed)
+    columns = x.T.contiguous().T  # the same values, the last dimension strided
+    assert torch.equal(kernels.rms_norm(columns, weight, 1e-5), kernels.rms_norm(x, weight, 1e-5))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
