@@ -120,7 +120,10 @@ def paged_step(seqs, block_size, heads, kv_heads, dim, dtype, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 32), (8, 1, 128), (6, 2, 16)])
+@pytest.mark.parametrize("heads,kv_heads,dim", [
+    (9, 3, 64), (8, 2, 64), (2, 2, 128), (4, 2, 128),  # groups of 1-4 with 64 or 128 dims
+    (4, 4, 32), (8, 1, 128), (6, 2, 16),  # the general path: other sizes, a group of 8
+])
 @pytest.mark.parametrize("block_size", [1, 3, 4, 32])
 @pytest.mark.parametrize("seqs", [
     [(1, 9), (1, 30), (1, 2)],  # ragged decodes
