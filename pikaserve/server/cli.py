@@ -70,6 +70,8 @@ FLAGS = (
          "many tokens replay a captured graph"),
     Flag("kv-cache-dtype", "engine", help="auto (the model dtype) | fp8 (CUDA, e4m3)"),
     Flag("attention-backend", "engine", help="auto | torch | triton (auto: triton on CUDA)"),
+    Flag("cpu-kernels", "engine", help="auto | native | torch: CPU norms, rope and decode "
+         "attention in C kernels compiled on first use (auto: where a C compiler is found)"),
     Flag("quantization", "engine", help="gguf (a quantized .gguf model) only", aliases=("-q",)),
     Flag("tensor-parallel-size", "engine", type=int, help="1 only", aliases=("-tp",)),
     Flag("seed", "engine", type=int, help="engine random seed"),

@@ -132,6 +132,7 @@ def test_speculative_config_flag_that_is_not_a_json_object(capsys):
     (["--kv-cache-dtype", "fp8", "--device", "cpu"], "an fp8 KV cache needs a CUDA GPU"),
     (["--kv-cache-dtype", "int8"], "kv_cache_dtype must be one of"),
     (["--attention-backend", "flash"], "attention_backend must be one of"),
+    (["--cpu-kernels", "fast"], "cpu_kernels must be one of"),
     (["--dtype", "int3"], "dtype must be one of"),
     (["--model", "/nonexistent/model"], "neither a local path nor"),
     (["--default-response-format", "/nonexistent.json"], "default-response-format"),
