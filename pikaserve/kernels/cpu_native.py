@@ -35,6 +35,8 @@ SOURCE = Path(__file__).with_name("cpu_kernels.c")
 DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 # Attention rows run on several threads (OpenMP) from this many (row, KV head, key) triples,
 # the small ops from this many elements; below, one thread is faster than waking the others.
+# Measured on two cores: RMSNorm + residual over 576 columns 8.1 vs 7.1 us at 32 rows (one
+# thread vs two), even at 8; rope of 12 heads x 64 even at 16 rows, 6.3 vs 5.8 us at 32.
 PARALLEL_WORK = 4096
 PARALLEL_ELEMENTS = 16384
 
@@ -183,7 +185,9 @@ def build() -> Path:
                             capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
         partial.unlink(missing_ok=True)
-        raise OSError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
+        lines = result.stderr.strip().splitlines()
+        errors = [line for line in lines if "error" in line] or lines[-3:]
+        raise OSError(f"{compiler} failed: {' / '.join(errors[:3])}")
     os.replace(partial, path)
     logger.info("built the CPU kernels: %s", path)
     return path
