@@ -348,7 +348,7 @@ INLINE void attention_rows(const void *restrict q, int64_t stride_t, int64_t str
         const int64_t *table = tables + row_seq[r] * table_stride;
         int64_t q_row = row_token[r] * stride_t + h * group * stride_h;
         int64_t out_row = (row_token[r] * heads + h * group) * dim;
-if (bf)
+        if (bf)
             attend_sized(q, q_row, stride_h, k_cache, v_cache, table, row_len[r], group, h,
                          kv_heads, dim / LANES, block_size, scale, out, out_row, 1);
         else
