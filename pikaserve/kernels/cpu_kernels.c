@@ -190,6 +190,25 @@ INLINE float hsum(vfloat v) {
     return (s[0] + s[1]) + (s[2] + s[3]);
 }
 
+/* Each of a sequence's first `len` keys' offsets in the cache (KV head h), in a new array. */
+INLINE int64_t *key_offsets(const int64_t *table, int64_t len, int64_t block_size,
+                            int64_t kv_heads, int64_t h, int64_t dim) {
+    int64_t *where = malloc(sizeof(int64_t) * len);
+    for (int64_t j = 0; j < len; j++) where[j] = key_offset(table, j, block_size, kv_heads, h, dim);
+    return where;
+}
+
+/* scores[j] = exp(scores[j] - top), in place; returns their sum. */
+INLINE float softmax_numerators(float *scores, int64_t len, float top) {
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < len; j++) {
+        scores[j] = exp_f32(scores[j] - top);
+        sum += scores[j];
+    }
+    return sum;
+}
+
 /* One (row, KV head) task of attention_rows: the group of query heads at q_row + g * stride_h
    attend to `len` keys through `table`, written to out_row + g * dim. head_dim is `nv` vectors
    of 16 floats, a constant for the usual sizes once inlined, so a query head and its
@@ -201,9 +220,8 @@ INLINE void attend(const void *restrict q, int64_t q_row, int64_t stride_h,
                    int64_t nv, int64_t block_size, float scale, void *restrict out,
                    int64_t out_row, int bf) {
     int64_t dim = nv * LANES;
-    int64_t *where = malloc(sizeof(int64_t) * len); /* each key's offset in the cache */
+    int64_t *where = key_offsets(table, len, block_size, kv_heads, h, dim);
     float *scores = malloc(sizeof(float) * len);
-    for (int64_t j = 0; j < len; j++) where[j] = key_offset(table, j, block_size, kv_heads, h, dim);
     for (int64_t g = 0; g < group; g++) {
         vfloat qv[MAX_DIM / LANES], acc[MAX_DIM / LANES];
         for (int64_t c = 0; c < nv; c++) qv[c] = vload(q, q_row + g * stride_h + c * LANES, bf);
@@ -214,12 +232,7 @@ INLINE void attend(const void *restrict q, int64_t q_row, int64_t stride_h,
             scores[j] = hsum(dot) * scale;
             top = scores[j] > top ? scores[j] : top;
         }
-        float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-        for (int64_t j = 0; j < len; j++) {
-            scores[j] = exp_f32(scores[j] - top);
-            total += scores[j];
-        }
+        float total = softmax_numerators(scores, len, top);
         for (int64_t c = 0; c < nv; c++) acc[c] = (vfloat){0};
         for (int64_t j = 0; j < len; j++)
             for (int64_t c = 0; c < nv; c++)
@@ -242,9 +255,8 @@ INLINE void attend_group(const void *restrict q, int64_t q_row, int64_t stride_h
                          int64_t kv_heads, int64_t nv, int64_t block_size, float scale,
                          void *restrict out, int64_t out_row, int bf) {
     int64_t dim = nv * LANES;
-    int64_t *where = malloc(sizeof(int64_t) * len);
+    int64_t *where = key_offsets(table, len, block_size, kv_heads, h, dim);
     float *scores = malloc(sizeof(float) * group * len); /* [group][len] */
-    for (int64_t j = 0; j < len; j++) where[j] = key_offset(table, j, block_size, kv_heads, h, dim);
     vfloat qv[group][nv], acc[group][nv], row[nv];
     float top[group], total[group];
     for (int64_t g = 0; g < group; g++) {
@@ -262,13 +274,7 @@ INLINE void attend_group(const void *restrict q, int64_t q_row, int64_t stride_h
         }
     }
     for (int64_t g = 0; g < group; g++) {
-        float *sg = scores + g * len, sum = 0.0f, m = top[g];
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < len; j++) {
-            sg[j] = exp_f32(sg[j] - m);
-            sum += sg[j];
-        }
-        total[g] = sum;
+        total[g] = softmax_numerators(scores + g * len, len, top[g]);
         for (int64_t c = 0; c < nv; c++) acc[g][c] = (vfloat){0};
     }
     for (int64_t j = 0; j < len; j++) {
