@@ -44,6 +44,10 @@ class EngineConfig:
     max_num_seqs: int = 128  # most sequences running at once
     max_num_batched_tokens: int = 2048  # token budget of one engine step
     enable_prefix_caching: bool = True
+    # GiB of host memory for a second tier of the prefix cache (vLLM's --kv-offloading-size):
+    # cached blocks evicted from the KV cache are copied there and copied back on a later hit
+    # (kv/host_tier.py). Pinned memory under CUDA. 0: no second tier.
+    kv_offloading_size: float = 0.0
     enable_chunked_prefill: bool = True
     num_threads: int | None = None  # CPU intra-op threads; None: all cores
     seed: int = 0  # seeds sampling for requests that bring no seed of their own
@@ -103,6 +107,11 @@ class EngineConfig:
             raise ConfigError("cpu_kv_cache_fraction must be in (0, 1)")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
             raise ConfigError("kv_cache_memory_bytes must be positive")
+        if self.kv_offloading_size < 0:
+            raise ConfigError("kv_offloading_size must be >= 0 (GiB; 0 turns the tier off)")
+        if self.kv_offloading_size and not self.enable_prefix_caching:
+            raise ConfigError("kv_offloading_size is a tier of the prefix cache: it needs "
+                              "prefix caching on")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError("max_model_len must be >= 1")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:

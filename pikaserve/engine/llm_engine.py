@@ -31,6 +31,7 @@ from pikaserve.engine.sampling_params import SamplingParams
 from pikaserve.engine.scheduler import Scheduler
 from pikaserve.errors import InvalidRequestError
 from pikaserve.kv.block_pool import BlockPool
+from pikaserve.kv.host_tier import HostKVTier
 from pikaserve.model.loader import LoadedModel, load_model, resolve_model_path
 from pikaserve.engine.device import (
     configure_threads, describe_cpu, resolve_device, resolve_dtype, resolve_int8_rows,
@@ -85,7 +86,8 @@ class LLMEngine:
                 "without chunked prefill, max_num_batched_tokens must be >= max_model_len "
                 f"({config.max_num_batched_tokens} < {self.max_model_len})"
             )
-        self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
+        tier = _offloading_tier(config, kv_caches)
+        self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching, tier)
         self.scheduler = Scheduler(
             self.pool,
             config.max_num_seqs,
@@ -125,6 +127,10 @@ class LLMEngine:
             str(kv_dtype).removeprefix("torch."),
             f"; draft model {draft.path.name} with a cache of its own" if draft else "",
         )
+        if tier is not None:
+            logger.info("prefix cache second tier: %d blocks in %s host memory (%.2f GiB)",
+                        tier.num_blocks, "pinned" if self.device.type == "cuda" else "plain",
+                        tier.num_blocks * HostKVTier.block_bytes(kv_caches) / 2**30)
         if self.device.type == "cpu":
             model = loaded.model
             logger.info(describe_cpu(self.dtype, model.int4_rows(), model.int8_rows(),
@@ -442,6 +448,9 @@ class LLMEngine:
             kv_usage=self.pool.usage,
             prefix_cache_queries=self.pool.queries,
             prefix_cache_hits=self.pool.hits,
+            kv_offload_blocks=tier.num_used_blocks if (tier := self.pool.tier) else 0,
+            kv_offload_stored=tier.offloaded if tier else 0,
+            kv_offload_restored=tier.restored if tier else 0,
             num_forward_passes=self.runner.num_forward_passes,
             spec_decode_num_drafts=self.spec_counters.num_drafts,
             spec_decode_num_draft_tokens=self.spec_counters.num_draft_tokens,
@@ -452,6 +461,18 @@ class LLMEngine:
     def pool_is_idle(self) -> bool:
         """True when every KV block is free or merely cached (no request holds one)."""
         return self.pool.num_free_blocks == self.pool.num_blocks
+
+
+def _offloading_tier(config: EngineConfig,
+                     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> HostKVTier | None:
+    """The prefix cache's second tier, as many blocks as kv_offloading_size GiB hold."""
+    if not config.kv_offloading_size:
+        return None
+    num_blocks = int(config.kv_offloading_size * 2**30) // HostKVTier.block_bytes(kv_caches)
+    if num_blocks < 1:
+        raise ConfigError(f"kv_offloading_size={config.kv_offloading_size} GiB holds no KV block "
+                          f"({HostKVTier.block_bytes(kv_caches)} bytes each)")
+    return HostKVTier(kv_caches, num_blocks)
 
 
 def _joined(first: RequestOutput, then: RequestOutput) -> RequestOutput:

@@ -42,8 +42,12 @@ class EngineStats:
     num_waiting: int  # requests waiting to be scheduled
     kv_usage: float  # fraction of KV blocks held by requests (1 = full)
     prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
-    prefix_cache_hits: int  # of which found
+    prefix_cache_hits: int  # of which found (in the KV cache or its second tier)
     num_forward_passes: int
+    # the prefix cache's second tier (kv_offloading_size)
+    kv_offload_blocks: int = 0  # blocks it holds
+    kv_offload_stored: int = 0  # blocks copied into it (total)
+    kv_offload_restored: int = 0  # blocks copied back on a prefix hit (total)
     # speculative decoding (vLLM's meaning; proposals only, not grammar drafts)
     spec_decode_num_drafts: int = 0  # proposals checked in a pass
     spec_decode_num_draft_tokens: int = 0  # their tokens

@@ -3,7 +3,8 @@
 Blocks are reference-counted. A full block gets a hash chained from its parent block's hash and
 its own tokens, so equal prefixes map to equal blocks across requests. When its last user frees
 it, a hashed block stays cached, evictable in least-recently-freed order; a block without a hash
-goes straight back to the free list.
+goes straight back to the free list. With a second tier (host_tier.py), an evicted cached block
+is copied there first, and a prefix lookup that runs on into the tier copies its blocks back.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from pikaserve.kv.host_tier import HostKVTier
 
 
 @dataclass(slots=True)
@@ -41,7 +44,8 @@ def extend_hashes(
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool,
+                 tier: HostKVTier | None = None) -> None:
         if num_blocks < 1:
             raise ValueError("the KV cache needs at least one block")
         self.num_blocks = num_blocks
@@ -52,8 +56,9 @@ class BlockPool:
         # cached, unreferenced: block id -> its hash
         self._evictable: OrderedDict[int, int] = OrderedDict()
         self._cached: dict[int, int] = {}  # block hash -> block id
+        self.tier = tier if enable_prefix_caching else None
         self.queries = 0  # prompt tokens looked up in the prefix cache
-        self.hits = 0  # of which found
+        self.hits = 0  # of which found (in either tier)
 
     # --- capacity -----------------------------------------------------------------------
     @property
@@ -70,7 +75,15 @@ class BlockPool:
         """n fresh blocks with ref_count 1, or None (and nothing taken) if they don't fit."""
         if n > self.num_free_blocks:
             return None
-        out = []
+        out, evicted = self._take(n)
+        if self.tier is not None:
+            self.tier.offload(evicted)
+        return out
+
+    def _take(self, n: int) -> tuple[list[int], list[tuple[int, int]]]:
+        """n blocks (n fits), and the (block id, hash) of the cached ones evicted for them,
+        whose contents are still intact."""
+        out, evicted = [], []
         for _ in range(n):
             if self._free:
                 block_id = self._free.pop()
@@ -78,9 +91,10 @@ class BlockPool:
                 block_id, block_hash = self._evictable.popitem(last=False)  # least recently freed
                 del self._cached[block_hash]
                 self.blocks[block_id].block_hash = None
+                evicted.append((block_id, block_hash))
             self.blocks[block_id].ref_count = 1
             out.append(block_id)
-        return out
+        return out, evicted
 
     def grow(self, block_ids: list[int], num_tokens: int) -> bool:
         """Extends a sequence's blocks until they hold `num_tokens`; False (and nothing
@@ -120,7 +134,26 @@ class BlockPool:
             if block.ref_count == 0:
                 del self._evictable[block_id]
             block.ref_count += 1
+        if self.tier is not None:
+            found += self._restore(self.tier, block_hashes[len(found):])
         return found
+
+    def _restore(self, tier: HostKVTier, block_hashes: Sequence[int]) -> list[int]:
+        """Fresh blocks holding the tier's copies of the run of these blocks it has (as many
+        as fit in the pool), published again."""
+        run: list[int] = []
+        for h in block_hashes:
+            if h not in tier or len(run) == self.num_free_blocks:
+                break
+            run.append(h)
+        if not run:
+            return []
+        block_ids, evicted = self._take(len(run))
+        tier.offload(evicted, keep=run)  # before the restore overwrites those blocks
+        tier.restore(list(zip(run, block_ids)))
+        for block_id, block_hash in zip(block_ids, run):
+            self.cache_block(block_id, block_hash)
+        return block_ids
 
     def cache_block(self, block_id: int, block_hash: int) -> None:
         """Publish a block that just became full; the first copy of a prefix wins."""
@@ -140,4 +173,6 @@ class BlockPool:
             self.blocks[block_id].block_hash = None
             self._free.append(block_id)
         self._evictable.clear()
+        if self.tier is not None:
+            self.tier.clear()
         return not self._cached

@@ -63,6 +63,9 @@ FLAGS = (
     Flag("kv-cache-memory-bytes", "engine", type=int, help="explicit KV cache budget in bytes"),
     Flag("enable-prefix-caching", "engine", "toggle", help="reuse KV of shared prompt "
          "prefixes (on by default)"),
+    Flag("kv-offloading-size", "engine", type=float, help="GiB of host memory for a second "
+         "tier of the prefix cache: evicted cached blocks are kept there and copied back on "
+         "a hit (default 0: off)"),
     Flag("enable-chunked-prefill", "engine", "toggle", help="split long prefills across "
          "steps (on by default)"),
     Flag("enforce-eager", "engine", "bool", help="CUDA: run every step eagerly, no CUDA graphs"),

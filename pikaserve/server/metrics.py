@@ -65,6 +65,15 @@ class _EngineCollector(Collector):
                       "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries)
         yield counter(f"{prefix}:prefix_cache_hits",
                       "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits)
+        yield gauge(f"{prefix}:kv_offload_blocks",
+                    "Blocks held by the prefix cache's second tier (kv_offloading_size).",
+                    stats.kv_offload_blocks)
+        yield counter(f"{prefix}:kv_offload_stored_blocks",
+                      "Cached blocks copied into the second tier when evicted.",
+                      stats.kv_offload_stored)
+        yield counter(f"{prefix}:kv_offload_restored_blocks",
+                      "Blocks copied back from the second tier on a prefix hit.",
+                      stats.kv_offload_restored)
         yield counter(f"{prefix}:model_forward", "Model forward passes.",
                       stats.num_forward_passes)
         yield counter(f"{prefix}:spec_decode_num_drafts",

@@ -63,7 +63,8 @@ def test_prefix_cache_is_used(model_dir, prompts):
     assert llm.engine.pool.hits > 0
 
 
-def test_forced_preemption(model_dir, prompts, alone):
+@pytest.mark.parametrize("tier_gib", [0, 0.01], ids=["pool-only", "with-host-tier"])
+def test_forced_preemption(model_dir, prompts, alone, tier_gib):
     # 10 blocks of 16 tokens for 16 concurrent requests of up to ~92 tokens each.
     from pikaserve.kv.kv_cache import bytes_per_token
 
@@ -72,8 +73,11 @@ def test_forced_preemption(model_dir, prompts, alone):
 
     block_bytes = bytes_per_token(llm_probe.engine.model_config, torch.float32) * 16
     outs, llm = run_all(
-        model_dir, prompts[:16], block_size=16, kv_cache_memory_bytes=10 * block_bytes
+        model_dir, prompts[:16], block_size=16, kv_cache_memory_bytes=10 * block_bytes,
+        kv_offloading_size=tier_gib,
     )
     assert llm.engine.pool.num_blocks == 10
     assert llm.engine.scheduler.num_preemptions > 0
     assert outs == alone[:16]
+    if tier_gib:  # preempted requests' blocks went through the tier and came back
+        assert llm.engine.stats().kv_offload_restored > 0

@@ -416,7 +416,9 @@ def test_metrics_export_the_counters_with_vllm_names(spec, prompts):
     assert len(stats.spec_decode_num_accepted_tokens_per_pos) == 4
     assert list(stats.spec_decode_num_accepted_tokens_per_pos) == sorted(
         stats.spec_decode_num_accepted_tokens_per_pos, reverse=True)  # i accepted: all before
-    fake = EngineStats(0, 0, 0.0, 0, 0, 0, 7, 20, 9, (5, 3, 1))
+    fake = EngineStats(0, 0, 0.0, 0, 0, 0, spec_decode_num_drafts=7,
+                       spec_decode_num_draft_tokens=20, spec_decode_num_accepted_tokens=9,
+                       spec_decode_num_accepted_tokens_per_pos=(5, 3, 1))
     text = ServerMetrics("m", lambda: fake, prefix="vllm").render().decode()
     for line in ('vllm:spec_decode_num_drafts_total{model_name="m"} 7.0',
                  'vllm:spec_decode_num_draft_tokens_total{model_name="m"} 20.0',
