@@ -17,6 +17,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16", "half", "float", "bf16", "fp
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 CPU_KERNELS = ("auto", "native", "torch")
+ROUTING_POLICIES = ("prefix", "pow2", "round-robin")
 
 
 class ConfigError(ValueError):
@@ -261,6 +262,20 @@ class ServerConfig:
     trust_remote_code: bool = False  # accepted for vLLM compatibility; no model code ever runs
     uvicorn_log_level: str = "info"
     graceful_shutdown_timeout: float = 30.0  # seconds in-flight requests get after SIGTERM
+    # Scale out (docs/cluster.md): more than one replica, or a Ray address, serves through
+    # engine replicas on Ray Serve (`pip install "pikaserve[cluster]"`), each a whole engine
+    # with its own KV cache, behind this one HTTP server.
+    replicas: int = 1
+    ray_address: str | None = None  # None: a Ray instance started in this process
+    # Which replica takes a request: prefix (the one thought to hold the longest cached prefix
+    # of its prompt, unless its load is more than routing_imbalance_threshold requests above
+    # the least loaded one), pow2 (the less loaded of two at random), round-robin.
+    routing: str = "prefix"
+    routing_imbalance_threshold: int = 8
+
+    @property
+    def clustered(self) -> bool:
+        return self.replicas > 1 or self.ray_address is not None
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -287,3 +302,10 @@ class ServerConfig:
         levels = ("critical", "error", "warning", "info", "debug", "trace")
         if self.uvicorn_log_level not in levels:
             raise ConfigError(f"uvicorn_log_level must be one of {', '.join(levels)}")
+        if self.replicas < 1:
+            raise ConfigError("replicas must be >= 1")
+        if self.routing not in ROUTING_POLICIES:
+            raise ConfigError(f"routing must be one of {', '.join(ROUTING_POLICIES)}; "
+                              f"got {self.routing!r}")
+        if self.routing_imbalance_threshold < 0:
+            raise ConfigError("routing_imbalance_threshold must be >= 0")

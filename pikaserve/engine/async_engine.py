@@ -116,6 +116,12 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
+    def replica_stats(self) -> dict[str, EngineStats]:
+        return {}  # one engine, no replicas
+
+    def replicas_ready(self) -> tuple[int, int] | None:
+        return None
+
     def is_idle(self) -> bool:
         """Nothing running or waiting, and no KV block held by a request."""
         return self.engine.pool_is_idle() and not self.engine.has_unfinished_requests()

@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from pikaserve import __version__
 from pikaserve.config import DEFAULT_MODEL_ID, EngineConfig, ServerConfig
 from pikaserve.engine.async_engine import AsyncEngine
+from pikaserve.engine.client import EngineClient
 from pikaserve.errors import InvalidRequestError
 from pikaserve.heads.served import ServedHeads
 from pikaserve.server import openai_format as fmt
@@ -80,16 +81,16 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     # Set by ready(); the gate answers 503 until then, so the routes read them through the
     # properties below, never unset.
-    _engine: AsyncEngine | None = None
+    _engine: EngineClient | None = None
     _texts: fmt.TokenTexts | None = None
     _prompts: PromptEncoder | None = None
 
     @property
-    def engine(self) -> AsyncEngine:
+    def engine(self) -> EngineClient:
         return _loaded(self._engine)
 
     @engine.setter
-    def engine(self, engine: AsyncEngine) -> None:
+    def engine(self, engine: EngineClient) -> None:
         self._engine = engine
 
     @property
@@ -125,7 +126,7 @@ class ServerState:
                 raise HTTPError(503, f"the server is overloaded: {waiting} requests are "
                                 "waiting; retry later", code="server_overloaded")
 
-    def check_heads(self, engine: AsyncEngine) -> None:
+    def check_heads(self, engine: EngineClient) -> None:
         cfg = engine.model_config
         self.heads.check_model(engine.model_path, engine.tokenizer, cfg.hidden_size,
                                cfg.num_layers)
@@ -142,7 +143,7 @@ class ServerState:
                                            "the server is shutting down, and the request did "
                                            "not finish within --graceful-shutdown-timeout")
 
-    def ready(self, engine: AsyncEngine) -> None:
+    def ready(self, engine: EngineClient) -> None:
         self._engine = engine
         self._texts = fmt.TokenTexts(engine.tokenizer)
         self._prompts = PromptEncoder(engine.tokenizer, engine.max_model_len)
@@ -209,22 +210,27 @@ def served_names(config: ServerConfig, model: str | None) -> list[str]:
 
 def create_app(
     config: ServerConfig,
-    engine: AsyncEngine | None = None,
+    engine: EngineClient | None = None,
     engine_config: EngineConfig | None = None,
     default_response_format: dict[str, Any] | None = None,
     on_load_failure: Callable[[BaseException], None] | None = None,
     heads: ServedHeads | None = None,
+    start_engine: Callable[[], EngineClient] | None = None,
 ) -> Gate:
     """The ASGI app. Given `engine`, it serves it (and leaves shutting it down to the caller);
-    otherwise it loads one from `engine_config` in the background and owns it. `heads` must
-    have been trained on the model: checked when it is ready, failing the start otherwise."""
+    otherwise it starts one in the background, by `start_engine` (the cluster's replicas) or
+    from `engine_config`, and owns it. `heads` must have been trained on the model: checked
+    when it is ready, failing the start otherwise."""
     model = engine.model if engine is not None else (
         engine_config.model if engine_config else None)
     names = served_names(config, model)
-    holder: dict[str, AsyncEngine | None] = {"engine": engine}
+    holder: dict[str, EngineClient | None] = {"engine": engine}
+    replicated = (engine.replicas_ready() is not None) if engine is not None else config.clustered
     metrics = ServerMetrics(
         names[0], lambda: holder["engine"].stats() if holder["engine"] is not None else None,
-        config.metrics_prefix)
+        config.metrics_prefix,
+        (lambda: holder["engine"].replica_stats() if holder["engine"] is not None else {})
+        if replicated else None)
     state = ServerState(config, names, metrics, default_response_format,
                         heads or ServedHeads({}))
     if engine is not None:
@@ -234,7 +240,8 @@ def create_app(
     async def load() -> None:
         loaded = None
         try:
-            loaded = await asyncio.to_thread(AsyncEngine, engine_config or EngineConfig())
+            loaded = await asyncio.to_thread(
+                start_engine or (lambda: AsyncEngine(engine_config or EngineConfig())))
             state.check_heads(loaded)
         except Exception as exc:  # noqa: BLE001  # model missing or broken: cannot serve
             if loaded is not None:
@@ -296,7 +303,16 @@ def create_app(
 
 
 async def health(request: Request) -> Response:
-    return Response(status_code=200)  # the gate already answered 503 unless ready
+    """200 (the gate already answered 503 unless ready); with replicas, how many are ready,
+    and 503 while none is."""
+    state: ServerState = request.app.state.pika
+    counts = state.engine.replicas_ready()
+    if counts is None:
+        return Response(status_code=200)
+    ready, wanted = counts
+    if not ready:
+        return error_response(503, f"no replica is ready (0 of {wanted})")
+    return JSONResponse({"replicas_ready": ready, "replicas": wanted})
 
 
 async def version(request: Request) -> Response:
@@ -325,7 +341,8 @@ ENDPOINTS = [
              TokenizeRequest, TokenizeResponse),
     Endpoint("/detokenize", "POST", routes.detokenize, "Text of token ids",
              DetokenizeRequest, DetokenizeResponse),
-    Endpoint("/health", "GET", health, "200 when ready, 503 while loading or stopping"),
+    Endpoint("/health", "GET", health, "200 when ready, 503 while loading or stopping; with "
+             "replicas, a JSON body with how many are ready"),
     Endpoint("/ping", "GET", health, "Same as /health"),
     Endpoint("/version", "GET", version, "pikaserve's version"),
     Endpoint("/metrics", "GET", metrics_route, "Prometheus metrics",

@@ -121,6 +121,15 @@ FLAGS = (
     Flag("metrics-prefix", "server", help="metric names are PREFIX:name; vllm "
          "gives vLLM's names, for its dashboards"),
     Flag("trust-remote-code", "server", "bool", help="accepted; pikaserve never runs model code"),
+    Flag("replicas", "server", type=int, help="engine replicas on Ray Serve behind this "
+         "server, each with its own KV cache (needs pikaserve[cluster]; docs/cluster.md)"),
+    Flag("ray-address", "server", help="join this Ray cluster (default: start one in this "
+         "process)"),
+    Flag("routing", "server", help="prefix | pow2 | round-robin: which replica takes a "
+         "request (prefix: the one holding the longest cached prefix of its prompt)"),
+    Flag("routing-imbalance-threshold", "server", type=int, help="prefix routing: past this "
+         "many more requests in flight than the least loaded replica, a replica gets no "
+         "affinity traffic"),
     Flag("uvicorn-log-level", "server", help="critical|error|warning|info|debug|trace"),
     Flag("graceful-shutdown-timeout", "server", type=float,
          help="seconds in-flight requests get to finish after SIGTERM/SIGINT"),
@@ -334,11 +343,24 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig,
         if server is not None:
             server.should_exit = True
 
+    start_engine = None
+    if server_config.clustered:
+        from pikaserve.cluster.launch import start_cluster
+
+        def start_engine():
+            return start_cluster(engine_config, server_config)
+
     app = create_app(server_config, engine_config=engine_config,
                      default_response_format=default_response_format,
-                     on_load_failure=on_load_failure, heads=heads)
+                     on_load_failure=on_load_failure, heads=heads, start_engine=start_engine)
     server = _Server(uvicorn_config(app, server_config), app.state)
-    server.run()
+    try:
+        server.run()
+    finally:
+        if server_config.clustered:
+            from pikaserve.cluster.launch import stop_cluster
+
+            stop_cluster(server_config)
     if failed:
         return 1
     return 0 if server.started else 1

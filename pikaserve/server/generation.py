@@ -13,7 +13,8 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
-from pikaserve.engine.async_engine import AsyncEngine, EngineDeadError
+from pikaserve.engine.async_engine import EngineDeadError
+from pikaserve.engine.client import EngineClient
 from pikaserve.engine.outputs import RequestOutput
 from pikaserve.engine.sampling_params import SamplingParams
 from pikaserve.errors import InvalidRequestError
@@ -31,7 +32,7 @@ class Generation:
 
     def __init__(
         self,
-        engine: AsyncEngine,
+        engine: EngineClient,
         request_id: str,
         work: Sequence[tuple[list[int], SamplingParams]],
         metrics: ServerMetrics,

@@ -32,68 +32,85 @@ class _EngineCollector(Collector):
     """Reads the engine's own gauges and counters when /metrics is scraped."""
 
     def __init__(self, get_stats: Callable[[], EngineStats | None], model_name: str,
-                 prefix: str) -> None:
+                 prefix: str, get_replica_stats: Callable[[], dict[str, EngineStats]] | None
+                 ) -> None:
         self.get_stats = get_stats
+        self.get_replica_stats = get_replica_stats
         self.prefix = prefix
-        self.labels = {"model_name": model_name}
+        self.model_name = model_name
+
+    def _series(self) -> list[tuple[list[str], EngineStats]]:
+        """(label values, stats): the engine's, or one per replica (summed by a query)."""
+        if self.get_replica_stats is not None:
+            return [([self.model_name, replica], stats)
+                    for replica, stats in sorted(self.get_replica_stats().items())]
+        stats = self.get_stats()
+        return [] if stats is None else [([self.model_name], stats)]
 
     def collect(self) -> Iterator[Metric]:
-        stats, prefix = self.get_stats(), self.prefix
-        if stats is None:  # still loading: export nothing rather than made-up zeros
+        series, prefix = self._series(), self.prefix
+        if not series:  # still loading: export nothing rather than made-up zeros
             return
-        names = list(self.labels)
-        values = list(self.labels.values())
+        names = ["model_name"] if self.get_replica_stats is None else ["model_name", "replica"]
 
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            g = GaugeMetricFamily(name, doc, labels=names)
-            g.add_metric(values, value)
-            return g
+        def family(kind: type[GaugeMetricFamily] | type[CounterMetricFamily], name: str,
+                   doc: str, value: Callable[[EngineStats], float]) -> Metric:
+            f = kind(name, doc, labels=names)
+            for values, stats in series:
+                f.add_metric(values, value(stats))
+            return f
 
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            c = CounterMetricFamily(name, doc, labels=names)
-            c.add_metric(values, value)
-            return c
+        def gauge(name: str, doc: str, value: Callable[[EngineStats], float]) -> Metric:
+            return family(GaugeMetricFamily, name, doc, value)
+
+        def counter(name: str, doc: str, value: Callable[[EngineStats], float]) -> Metric:
+            return family(CounterMetricFamily, name, doc, value)
 
         # a stats snapshot may be one step stale, which is fine for a scrape
         yield gauge(f"{prefix}:num_requests_running", "Requests in the running batch.",
-                    stats.num_running)
+                    lambda s: s.num_running)
         yield gauge(f"{prefix}:num_requests_waiting", "Requests waiting to be scheduled.",
-                    stats.num_waiting)
+                    lambda s: s.num_waiting)
         yield gauge(f"{prefix}:kv_cache_usage_perc",
-                    "Fraction of KV blocks held by requests (1 = full).", stats.kv_usage)
+                    "Fraction of KV blocks held by requests (1 = full).", lambda s: s.kv_usage)
         yield counter(f"{prefix}:prefix_cache_queries",
-                      "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries)
+                      "Prompt tokens looked up in the prefix cache.",
+                      lambda s: s.prefix_cache_queries)
         yield counter(f"{prefix}:prefix_cache_hits",
-                      "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits)
+                      "Prompt tokens found in the prefix cache.", lambda s: s.prefix_cache_hits)
         yield gauge(f"{prefix}:kv_offload_blocks",
                     "Blocks held by the prefix cache's second tier (kv_offloading_size).",
-                    stats.kv_offload_blocks)
+                    lambda s: s.kv_offload_blocks)
         yield counter(f"{prefix}:kv_offload_stored_blocks",
                       "Cached blocks copied into the second tier when evicted.",
-                      stats.kv_offload_stored)
+                      lambda s: s.kv_offload_stored)
         yield counter(f"{prefix}:kv_offload_restored_blocks",
                       "Blocks copied back from the second tier on a prefix hit.",
-                      stats.kv_offload_restored)
+                      lambda s: s.kv_offload_restored)
         yield counter(f"{prefix}:model_forward", "Model forward passes.",
-                      stats.num_forward_passes)
+                      lambda s: s.num_forward_passes)
         yield counter(f"{prefix}:spec_decode_num_drafts",
-                      "Speculative proposals checked.", stats.spec_decode_num_drafts)
+                      "Speculative proposals checked.", lambda s: s.spec_decode_num_drafts)
         yield counter(f"{prefix}:spec_decode_num_draft_tokens",
                       "Tokens of the speculative proposals checked.",
-                      stats.spec_decode_num_draft_tokens)
+                      lambda s: s.spec_decode_num_draft_tokens)
         yield counter(f"{prefix}:spec_decode_num_accepted_tokens",
-                      "Proposed tokens accepted.", stats.spec_decode_num_accepted_tokens)
+                      "Proposed tokens accepted.", lambda s: s.spec_decode_num_accepted_tokens)
         per_pos = CounterMetricFamily(f"{prefix}:spec_decode_num_accepted_tokens_per_pos",
                                       "Proposed tokens accepted, by position in the proposal.",
                                       labels=names + ["position"])
-        for pos, n in enumerate(stats.spec_decode_num_accepted_tokens_per_pos):
-            per_pos.add_metric(values + [str(pos)], n)
+        for values, stats in series:
+            for pos, n in enumerate(stats.spec_decode_num_accepted_tokens_per_pos):
+                per_pos.add_metric(values + [str(pos)], n)
         yield per_pos
 
 
 class ServerMetrics:
     def __init__(self, model_name: str, get_stats: Callable[[], EngineStats | None],
-                 prefix: str = "pikaserve") -> None:
+                 prefix: str = "pikaserve",
+                 get_replica_stats: Callable[[], dict[str, EngineStats]] | None = None) -> None:
+        """`get_replica_stats`: the engine gauges and counters come one series per replica
+        (label `replica`) instead of from `get_stats`."""
         self.registry = CollectorRegistry(auto_describe=False)
         labels = ["model_name"]
         r = self.registry
@@ -122,7 +139,7 @@ class ServerMetrics:
                                      "Requests answered by a classification head.",
                                      labels + ["head"], registry=r)
         self.model_name = model_name
-        r.register(_EngineCollector(get_stats, model_name, prefix))
+        r.register(_EngineCollector(get_stats, model_name, prefix, get_replica_stats))
 
     def success(self, finish_reason: str) -> None:
         self._success.labels(self.model_name, finish_reason).inc()

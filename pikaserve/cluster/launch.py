@@ -1,0 +1,82 @@
+"""Starts the engine replicas on Ray Serve: joins the Ray cluster at `ray_address`, or starts
+one in this process; deploys N replicas of the engine with the chosen router; returns the
+ClusterEngine the HTTP server talks to. Ray Serve's own HTTP proxy stays off: pikaserve's
+server (its API, limits, metrics) is the one endpoint."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pikaserve.config import ConfigError, EngineConfig, ServerConfig, default_num_threads
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "pikaserve"
+DEPLOYMENT_NAME = "engine"
+# Requests a replica takes at once: its own scheduler queues and batches them, so the router
+# never holds a request back for a replica's sake.
+MAX_ONGOING_PER_REPLICA = 4096
+HEALTH_CHECK_PERIOD_S = 2.0
+
+
+def replica_threads(engine_config: EngineConfig, server_config: ServerConfig) -> int | None:
+    """CPU threads per replica: as configured; on a local cluster the cores shared out, so
+    that replicas on one machine do not fight over them; elsewhere all of their machine's."""
+    if engine_config.num_threads is not None or server_config.ray_address is not None:
+        return engine_config.num_threads
+    return max(1, default_num_threads() // server_config.replicas)
+
+
+def start_cluster(engine_config: EngineConfig, server_config: ServerConfig):
+    """Blocks until every replica has loaded the model; returns a ClusterEngine."""
+    try:
+        import ray
+        from ray import serve
+        from ray.serve.config import RequestRouterConfig
+    except ImportError:
+        raise ConfigError('replicas run on Ray Serve: pip install "pikaserve[cluster]"') from None
+    from pikaserve.cluster.client import ClusterEngine
+    from pikaserve.cluster.replica import EngineReplica
+    from pikaserve.cluster.router import ReplicaRouter
+
+    router: dict[str, Any] = {  # the class by import path: the controller imports it
+        "request_router_class": f"{ReplicaRouter.__module__}.{ReplicaRouter.__qualname__}",
+        "request_router_kwargs": {
+            "policy": server_config.routing,
+            "block_size": engine_config.block_size,
+            "imbalance_threshold": server_config.routing_imbalance_threshold,
+        },
+    }
+    threads = replica_threads(engine_config, server_config)
+    config = engine_config.replace(num_threads=threads)
+    if not ray.is_initialized():
+        local = server_config.ray_address is None
+        # a local instance gets a CPU for every replica's threads even on a small machine
+        cpus = max(default_num_threads(), server_config.replicas * (threads or 1)) if local else None
+        ray.init(address=server_config.ray_address, num_cpus=cpus, include_dashboard=False,
+                 logging_level=logging.WARNING)
+    serve.start(proxy_location="Disabled")
+    deployment = serve.deployment(
+        name=DEPLOYMENT_NAME,
+        num_replicas=server_config.replicas,
+        max_ongoing_requests=MAX_ONGOING_PER_REPLICA,
+        ray_actor_options={"num_cpus": threads or 1},
+        health_check_period_s=HEALTH_CHECK_PERIOD_S,
+        logging_config={"enable_access_log": False},  # the HTTP server logs requests
+        request_router_config=RequestRouterConfig(**router),
+    )(EngineReplica)
+    logger.info("starting %d engine replicas on Ray Serve (%s routing, %s threads each)",
+                server_config.replicas, server_config.routing, threads or "all")
+    handle = serve.run(deployment.bind(config), name=APP_NAME, route_prefix=None)
+    info = handle.describe.remote().result()
+    return ClusterEngine(handle, info, APP_NAME, DEPLOYMENT_NAME, server_config.replicas)
+
+
+def stop_cluster(server_config: ServerConfig) -> None:
+    """Stops the Ray instance this process started (Serve and what is left of the replicas
+    with it); a joined cluster keeps running (the server deleted its app on shutdown)."""
+    import ray
+
+    if server_config.ray_address is None and ray.is_initialized():
+        ray.shutdown()
