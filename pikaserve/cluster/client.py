@@ -36,7 +36,7 @@ class ClusterEngine:
     def __init__(self, handle: DeploymentHandle, info: ReplicaInfo, app_name: str,
                  deployment_name: str, num_replicas: int) -> None:
         self._handle = handle
-        self._app_name = app_name
+        self.app_name = app_name
         self._deployment_name = deployment_name
         self._num_replicas = num_replicas
         self.model = info.model
@@ -82,7 +82,7 @@ class ClusterEngine:
 
     def shutdown(self) -> None:
         self._stop.set()
-        serve.delete(self._app_name)
+        serve.delete(self.app_name)
 
     # --- state -----------------------------------------------------------------------------
     def stats(self) -> EngineStats:
@@ -96,7 +96,7 @@ class ClusterEngine:
 
     def poll(self) -> None:
         """Refreshes the replica count and each running replica's stats."""
-        status = serve.status().applications.get(self._app_name)
+        status = serve.status().applications.get(self.app_name)
         deployment = status.deployments.get(self._deployment_name) if status else None
         self._ready = deployment.replica_states.get(ReplicaState.RUNNING, 0) if deployment else 0
         answers = self._handle.broadcast("stats").results(timeout_s=POLL_SECONDS,

@@ -6,13 +6,13 @@ server (its API, limits, metrics) is the one endpoint."""
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 from pikaserve.config import ConfigError, EngineConfig, ServerConfig, default_num_threads
 
 logger = logging.getLogger(__name__)
 
-APP_NAME = "pikaserve"
 DEPLOYMENT_NAME = "engine"
 # Requests a replica takes at once: its own scheduler queues and batches them, so the router
 # never holds a request back for a replica's sake.
@@ -68,9 +68,11 @@ def start_cluster(engine_config: EngineConfig, server_config: ServerConfig):
     )(EngineReplica)
     logger.info("starting %d engine replicas on Ray Serve (%s routing, %s threads each)",
                 server_config.replicas, server_config.routing, threads or "all")
-    handle = serve.run(deployment.bind(config), name=APP_NAME, route_prefix=None)
+    # an app of its own: several servers may share one Ray cluster
+    app_name = f"pikaserve-{uuid.uuid4().hex[:8]}"
+    handle = serve.run(deployment.bind(config), name=app_name, route_prefix=None)
     info = handle.describe.remote().result()
-    return ClusterEngine(handle, info, APP_NAME, DEPLOYMENT_NAME, server_config.replicas)
+    return ClusterEngine(handle, info, app_name, DEPLOYMENT_NAME, server_config.replicas)
 
 
 def stop_cluster(server_config: ServerConfig) -> None:

@@ -41,32 +41,31 @@ class ReplicaRouter(RequestRouter):
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None
                               ) -> list[list[RunningReplica]]:
-        by_load = sorted(candidate_replicas, key=lambda r: (self.in_flight[r.replica_id],
-                                                            r.replica_id.unique_id))
+        # least loaded first; among equals, the one holding least, so that new prefixes spread
+        by_load = sorted(candidate_replicas, key=lambda r: (
+            self.in_flight[r.replica_id], self.index.num_blocks(r.replica_id),
+            r.replica_id.unique_id))
         if not by_load:
             return []
         if self.policy == "pow2":
             two = random.sample(by_load, min(2, len(by_load)))
             return [sorted(two, key=by_load.index)]
         if self.policy == "round-robin":
-            ordered = sorted(by_load, key=lambda r: r.replica_id.unique_id)
             self._turn += 1
-            first = ordered[self._turn % len(ordered)]
-            return [[first], [r for r in by_load if r is not first]]
-        hashes = self._prompt_blocks(pending_request)
-        if not hashes:
-            return [by_load]
-        # least loaded first; among equals, the one holding least, so new prefixes spread
-        by_load.sort(key=lambda r: (self.in_flight[r.replica_id],
-                                    self.index.num_blocks(r.replica_id)))
+            first = sorted(by_load, key=lambda r: r.replica_id.unique_id)[self._turn % len(by_load)]
+        else:
+            first = self._by_prefix(by_load, self._prompt_blocks(pending_request))
+        return [[first], [r for r in by_load if r is not first]]
+
+    def _by_prefix(self, by_load: list[RunningReplica], hashes: list[int]) -> RunningReplica:
+        """The replica holding the longest prefix of these blocks, unless it is overloaded;
+        else the least loaded."""
         least = by_load[0]
         best = max(by_load, key=lambda r: self.index.matched_blocks(r.replica_id, hashes))
         excess = self.in_flight[best.replica_id] - self.in_flight[least.replica_id]
         if self.index.matched_blocks(best.replica_id, hashes) and excess <= self.imbalance_threshold:
-            first = best
-        else:
-            first = least
-        return [[first], [r for r in by_load if r is not first]]
+            return best
+        return least
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: Any) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("ray.serve")
 
-from pikaserve.cluster.launch import APP_NAME, DEPLOYMENT_NAME, start_cluster, stop_cluster
+from pikaserve.cluster.launch import DEPLOYMENT_NAME, start_cluster, stop_cluster
 from pikaserve.config import EngineConfig, ServerConfig
 from pikaserve.engine.async_engine import AsyncEngine
 from pikaserve.server.app import create_app
@@ -181,7 +181,7 @@ def test_a_killed_replica_fails_its_requests_cleanly_and_is_replaced(cluster):
         busy = [rid for rid, s in engine.replica_stats().items() if s.num_running]
         assert len(busy) == 1, "the long request should still be running"
         # Serve names a replica's actor SERVE_REPLICA::<app>#<deployment>#<replica id>
-        actor = f"SERVE_REPLICA::{APP_NAME}#{DEPLOYMENT_NAME}#{busy[0]}"
+        actor = f"SERVE_REPLICA::{engine.app_name}#{DEPLOYMENT_NAME}#{busy[0]}"
         ray.kill(ray.get_actor(actor, namespace="serve"), no_restart=True)
         rest = [line for line in lines if line.startswith("data: ")]
     events = [json.loads(line[6:]) for line in [first, *rest[:-1]]]
