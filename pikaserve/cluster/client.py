@@ -9,10 +9,11 @@ thread keeps each replica's gauges and counters, and how many replicas are up, f
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Any, cast
 
 from ray import serve
@@ -44,6 +45,7 @@ class ClusterEngine:
         self.model_config = info.model_config
         self.max_model_len = info.max_model_len
         self.tokenizer = info.tokenizer
+        self._calls: set[_Call] = set()  # in flight, for end_all
         self._replica_stats: dict[str, EngineStats] = {}
         self._ready = 0
         self._stop = threading.Event()
@@ -58,27 +60,30 @@ class ClusterEngine:
                        ) -> AsyncGenerator[RequestOutput, None]:
         response = cast(DeploymentResponseGenerator, self._handle.options(
             stream=True).generate.remote(request_id, list(token_ids), params))
+        call = _Call(asyncio.get_running_loop(), response)
+        self._calls.add(call)
         finished = False
         try:
             async for out in response:
                 finished = out.finished
                 yield out
-        except RayTaskError as exc:  # raised in the replica: the request's own error
-            cause = exc.cause
-            if isinstance(cause, (InvalidRequestError, EngineDeadError)):
-                raise cause from None
-            raise RuntimeError(f"the replica failed the request: {cause}") from None
-        except RayError as exc:  # the replica died, or could not be reached
-            raise EngineDeadError(f"the replica serving this request failed: "
-                                  f"{type(exc).__name__}") from None
+        except Exception as exc:  # noqa: BLE001  # translated for the server
+            if call.ended is not None:
+                raise EngineDeadError(call.ended) from None
+            raise _translated(exc) from None
         finally:
+            self._calls.discard(call)
             if not finished:
                 response.cancel()  # the replica's generator is cancelled: the engine aborts
         if not finished:
             raise EngineDeadError("the replica ended the request before it finished")
 
     def end_all(self, reason: str) -> None:
-        """Shutdown drain: nothing to do here; each replica ends its own on teardown."""
+        """Ends every request in flight (any thread): each caller's generate() raises
+        EngineDeadError(reason), and the replicas abort them."""
+        for call in list(self._calls):
+            call.ended = reason
+            call.loop.call_soon_threadsafe(call.response.cancel)
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -110,6 +115,26 @@ class ClusterEngine:
                 self.poll()
             except Exception as exc:  # noqa: BLE001  # Serve restarting: try again next round
                 logger.debug("replica poll failed: %s", exc)
+
+
+@dataclass(eq=False)
+class _Call:
+    loop: asyncio.AbstractEventLoop  # the caller's, where the call may be cancelled
+    response: DeploymentResponseGenerator
+    ended: str | None = None  # why end_all ended it
+
+
+def _translated(exc: Exception) -> Exception:
+    """A failed call as the server's errors: the request's own (raised in the replica) as is,
+    a replica that died or cannot be reached as EngineDeadError (HTTP 503)."""
+    if isinstance(exc, RayTaskError):
+        cause = exc.cause
+        if isinstance(cause, (InvalidRequestError, EngineDeadError)):
+            return cause
+        return RuntimeError(f"the replica failed the request: {cause}")
+    if isinstance(exc, RayError):
+        return EngineDeadError(f"the replica serving this request failed: {type(exc).__name__}")
+    return exc
 
 
 def sum_stats(all_stats: list[EngineStats]) -> EngineStats:

@@ -168,6 +168,20 @@ def test_a_client_disconnect_frees_the_blocks_on_the_replica(cluster):
     wait_until(idle, 20, "the aborted request to leave its replica")
 
 
+def test_shutdown_ends_requests_in_flight_with_a_clean_error(cluster):
+    body = {"prompt": "Hello", "max_tokens": MAX_MODEL_LEN - 16, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{cluster.url}/v1/completions", json=body, timeout=60) as r:
+        lines = (line for line in r.iter_lines() if line.startswith("data: "))
+        next(lines)
+        cluster.state.engine.end_all("the server is shutting down")  # as the drain does
+        rest = list(lines)
+    assert rest[-1] == "data: [DONE]"
+    error = json.loads(rest[-2][6:])["error"]
+    assert error["code"] == "service_unavailable" and error["message"] == \
+        "the server is shutting down"
+
+
 def test_a_killed_replica_fails_its_requests_cleanly_and_is_replaced(cluster):
     import ray
 
