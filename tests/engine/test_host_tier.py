@@ -48,12 +48,19 @@ def cached_prefix(pool: BlockPool, caches, hashes: list[int], value: float) -> l
     return blocks
 
 
+def tiered(pool_blocks: int, tier_blocks: int):
+    """KV caches, their tier and a pool over them, with a prefix of `pool_blocks` blocks
+    computed, published and freed (cached, evictable)."""
+    caches = kv_caches(pool_blocks)
+    tier = HostKVTier(caches, tier_blocks)
+    pool = BlockPool(pool_blocks, BLOCK, True, tier)
+    prefix = chain(pool_blocks)
+    blocks = cached_prefix(pool, caches, prefix, 1.0)
+    return caches, tier, pool, prefix, blocks
+
+
 def test_an_evicted_prefix_comes_back_from_the_tier_bit_for_bit():
-    caches = kv_caches(3)
-    tier = HostKVTier(caches, 4)
-    pool = BlockPool(3, BLOCK, True, tier)
-    a = chain(3)
-    blocks = cached_prefix(pool, caches, a, 10.0)
+    caches, tier, pool, a, blocks = tiered(3, 4)
     want = [contents(caches, b) for b in blocks]
     taken = pool.allocate(3)  # evicts all three, overwritten below
     for b in taken:
@@ -70,11 +77,7 @@ def test_an_evicted_prefix_comes_back_from_the_tier_bit_for_bit():
 
 
 def test_the_pool_run_continues_into_the_tier():
-    caches = kv_caches(4)
-    tier = HostKVTier(caches, 8)
-    pool = BlockPool(4, BLOCK, True, tier)
-    a = chain(4)
-    cached_prefix(pool, caches, a, 1.0)
+    caches, tier, pool, a, _ = tiered(4, 8)
     pool.free(pool.allocate(2))  # evicts the two tail blocks (freed first) into the tier
     assert tier.offloaded == 2
     found = pool.match_prefix(a)
@@ -97,11 +100,7 @@ def test_the_tier_evicts_least_recently_used_and_never_what_is_being_restored():
 
 
 def test_a_restore_takes_no_more_blocks_than_are_free():
-    caches = kv_caches(3)
-    tier = HostKVTier(caches, 8)
-    pool = BlockPool(3, BLOCK, True, tier)
-    a = chain(3)
-    cached_prefix(pool, caches, a, 1.0)
+    _, _, pool, a, _ = tiered(3, 8)
     held = pool.allocate(3)  # all three offloaded, none free now
     pool.free(held[2:])
     assert len(pool.match_prefix(a)) == 1
@@ -109,11 +108,7 @@ def test_a_restore_takes_no_more_blocks_than_are_free():
 
 
 def test_reset_prefix_cache_empties_the_tier():
-    caches = kv_caches(2)
-    tier = HostKVTier(caches, 4)
-    pool = BlockPool(2, BLOCK, True, tier)
-    a = chain(2)
-    cached_prefix(pool, caches, a, 1.0)
+    _, tier, pool, a, _ = tiered(2, 4)
     pool.free(pool.allocate(2))
     assert tier.num_used_blocks == 2
     assert pool.reset_prefix_cache()
