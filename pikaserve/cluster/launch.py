@@ -5,6 +5,7 @@ server (its API, limits, metrics) is the one endpoint."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import uuid
 from typing import Any
@@ -28,14 +29,20 @@ def replica_threads(engine_config: EngineConfig, server_config: ServerConfig) ->
     return max(1, default_num_threads() // server_config.replicas)
 
 
+def check_ray_serve() -> None:
+    """ConfigError unless Ray Serve is installed (checked before the server binds its port)."""
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
+        raise ConfigError('--replicas and --ray-address run on Ray Serve: '
+                          'pip install "pikaserve[cluster]"')
+
+
 def start_cluster(engine_config: EngineConfig, server_config: ServerConfig):
     """Blocks until every replica has loaded the model; returns a ClusterEngine."""
-    try:
-        import ray
-        from ray import serve
-        from ray.serve.config import RequestRouterConfig
-    except ImportError:
-        raise ConfigError('replicas run on Ray Serve: pip install "pikaserve[cluster]"') from None
+    check_ray_serve()
+    import ray
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+
     from pikaserve.cluster.client import ClusterEngine
     from pikaserve.cluster.replica import EngineReplica
     from pikaserve.cluster.router import ReplicaRouter

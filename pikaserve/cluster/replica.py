@@ -57,9 +57,6 @@ class EngineReplica:
         """(this replica's id, its stats), for the server's /metrics (a broadcast call)."""
         return self.replica_id, self.engine.stats()
 
-    def is_idle(self) -> bool:
-        return self.engine.is_idle()
-
     def check_health(self) -> None:
         """Ray Serve's periodic probe: a replica whose engine loop stopped is replaced."""
         if not self.engine.is_alive:

@@ -136,10 +136,24 @@ def test_speculative_config_flag_that_is_not_a_json_object(capsys):
     (["--dtype", "int3"], "dtype must be one of"),
     (["--model", "/nonexistent/model"], "neither a local path nor"),
     (["--default-response-format", "/nonexistent.json"], "default-response-format"),
+    (["--replicas", "0"], "replicas must be >= 1"),
+    (["--replicas", "2", "--routing", "random"], "routing must be one of prefix, pow2"),
+    (["--kv-offloading-size", "-1"], "kv_offloading_size must be >= 0"),
+    (["--kv-offloading-size", "1", "--no-enable-prefix-caching"], "needs prefix caching on"),
 ])
 def test_unsupported_settings_fail_at_start_up(argv, message, capsys):
     assert cli.run(parse(argv)) == 2
     assert message in capsys.readouterr().err
+
+
+def test_replicas_without_ray_serve_fail_at_start_up(capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("ray") else find_spec(name, *a))
+    assert cli.run(parse(["--replicas", "2", "--port", str(free_port())])) == 2
+    assert 'pip install "pikaserve[cluster]"' in capsys.readouterr().err
 
 
 def test_gguf_quantization_needs_a_gguf_model(tiny_model_dir, capsys):
