@@ -129,7 +129,7 @@ class LLMEngine:
         )
         if tier is not None:
             logger.info("prefix cache second tier: %d blocks in %s host memory (%.2f GiB)",
-                        tier.num_blocks, "pinned" if self.device.type == "cuda" else "plain",
+                        tier.num_blocks, "pinned" if tier.pinned else "plain",
                         tier.num_blocks * HostKVTier.block_bytes(kv_caches) / 2**30)
         if self.device.type == "cpu":
             model = loaded.model

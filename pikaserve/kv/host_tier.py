@@ -40,6 +40,11 @@ class HostKVTier:
         return sum(t[0].numel() * t.element_size() for layer in kv_caches for t in layer)
 
     @property
+    def pinned(self) -> bool:
+        """Page-locked (under CUDA): copies to and from the device run as DMA."""
+        return self._host_caches[0][0].is_pinned()
+
+    @property
     def num_used_blocks(self) -> int:
         return len(self._slots)
 

@@ -137,3 +137,25 @@ def test_speculation_leaves_greedy_unchanged(method, tiny_model_dir):
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
     stats = llm.engine.stats()
     assert stats.spec_decode_num_accepted_tokens > 0 and llm.engine.pool_is_idle()
+
+
+def test_the_host_tier_under_cuda_keeps_greedy_unchanged(tiny_model_dir):
+    """Evicted prefix blocks go to pinned host memory and come back into a graphed engine's
+    cache: the same tokens as recomputing them."""
+    path = str(tiny_model_dir("llama"))
+    gen = torch.Generator().manual_seed(3)
+    prefixes = [torch.randint(5, 300, (96,), generator=gen).tolist() for _ in range(6)]
+    prompts = [p + torch.randint(5, 300, (5,), generator=gen).tolist()
+               for _ in range(3) for p in prefixes]
+    block_bytes = 3 * 2 * 16 * 4 * 2 * 4  # tiny llama, float32, blocks of 4 tokens
+    common = dict(dtype="float32", device="cuda", block_size=4, max_model_len=128,
+                  kv_cache_memory_bytes=64 * block_bytes)  # two prefixes' worth, not six
+    outs = {}
+    for tier_gib in (0, 0.01):
+        llm = LLM(path, kv_offloading_size=tier_gib, **common)
+        outs[tier_gib] = [greedy(llm, [p], 6)[0].token_ids for p in prompts]
+        assert llm.engine.pool_is_idle()
+    assert outs[0.01] == outs[0]
+    tier = llm.engine.pool.tier
+    assert tier is not None and tier.restored > 0
+    assert tier.pinned
