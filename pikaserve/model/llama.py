@@ -105,7 +105,7 @@ class RMSNorm(nn.Module):
         if self.kernels is not None:
             return self.kernels.add_rms_norm(x, residual, self.weight, self.eps)
         x = x + residual
-        return x, self(x)
+        return x, self.forward(x)
 
 
 class DecoderLayer(nn.Module):
@@ -139,13 +139,16 @@ class DecoderLayer(nn.Module):
         meta: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, pending) -> (x', pending'): the residual stream is x + pending. The previous
-        layer's MLP output is added here, fused with this layer's first norm."""
+        layer's MLP output is added here, fused with this layer's first norm.
+
+        Sub-modules are called through .forward: nn.Module.__call__ costs a few us a call,
+        6-8 calls a layer, ~4% of a CPU decode step (no hooks are ever registered here)."""
         cfg = self.cfg
         if pending is None:
-            h = self.input_layernorm(x)
+            h = self.input_layernorm.forward(x)
         else:
             x, h = self.input_layernorm.add_forward(x, pending)
-        qkv = self.qkv_proj(h)
+        qkv = self.qkv_proj.forward(h)
         qk_heads = cfg.num_heads + cfg.num_kv_heads
         qk = qkv[:, : self.q_size + self.kv_size].view(-1, qk_heads, cfg.head_dim)
         v = qkv[:, self.q_size + self.kv_size :].view(-1, cfg.num_kv_heads, cfg.head_dim)
@@ -158,12 +161,13 @@ class DecoderLayer(nn.Module):
             qk = apply_rotary(qk, cos_sin)
         q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
         attn = self.attn.forward(q, k, v, kv[0], kv[1], meta)
-        x, h = self.post_attention_layernorm.add_forward(x, self.o_proj(attn.reshape(-1, self.q_size)))
-        gate_up = self.gate_up_proj(h)
+        x, h = self.post_attention_layernorm.add_forward(
+            x, self.o_proj.forward(attn.reshape(-1, self.q_size)))
+        gate_up = self.gate_up_proj.forward(h)
         if self.kernels is not None:
-            return x, self.down_proj(self.kernels.silu_mul(gate_up))
+            return x, self.down_proj.forward(self.kernels.silu_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
-        return x, self.down_proj(F.silu(gate) * up)
+        return x, self.down_proj.forward(F.silu(gate) * up)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -204,7 +208,7 @@ class LlamaForCausalLM(nn.Module):
         for i, (layer, kv) in enumerate(zip(self.layers, kv_caches[:depth])):
             if hidden_rows is not None and i in hidden_layers:
                 hidden.append(_rows(x, pending, hidden_rows).float())
-            x, pending = layer(x, pending, cos_sin, kv, meta)
+            x, pending = layer.forward(x, pending, cos_sin, kv, meta)
         num_run = len(self.layers) if depth is None else depth
         if hidden_rows is not None and num_run in hidden_layers:
             hidden.append(_rows(x, pending, hidden_rows).float())
