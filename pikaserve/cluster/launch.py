@@ -29,16 +29,38 @@ def replica_threads(engine_config: EngineConfig, server_config: ServerConfig) ->
     return max(1, default_num_threads() // server_config.replicas)
 
 
-def check_ray_serve() -> None:
-    """ConfigError unless Ray Serve is installed (checked before the server binds its port)."""
+def replica_gpus(engine_config: EngineConfig, server_config: ServerConfig) -> int:
+    """GPUs each replica asks Ray for: one on CUDA (Ray then shows the replica that GPU alone,
+    as its cuda:0), none on CPUs. ConfigError for what replicas cannot do yet: share a GPU,
+    or be pinned to cuda:N (choose GPUs with CUDA_VISIBLE_DEVICES instead)."""
+    import torch
+
+    device = engine_config.device
+    if device.startswith("cuda:"):
+        raise ConfigError(f"--device {device} with replicas: each replica gets a GPU of its "
+                          "own from Ray; choose the GPUs with CUDA_VISIBLE_DEVICES")
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return 0  # auto on a machine without CUDA: CPU replicas (say --device cuda to join GPUs)
+    local = server_config.ray_address is None
+    if local and torch.cuda.device_count() < server_config.replicas:
+        raise ConfigError(f"{server_config.replicas} replicas need {server_config.replicas} "
+                          f"GPUs, one each; this machine has {torch.cuda.device_count()} "
+                          "(replicas do not share a GPU yet)")
+    return 1
+
+
+def check_cluster(engine_config: EngineConfig, server_config: ServerConfig) -> None:
+    """ConfigError unless Ray Serve is installed and the replicas can be placed (checked
+    before the server binds its port)."""
     if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
         raise ConfigError('--replicas and --ray-address run on Ray Serve: '
                           'pip install "pikaserve[cluster]"')
+    replica_gpus(engine_config, server_config)
 
 
 def start_cluster(engine_config: EngineConfig, server_config: ServerConfig):
     """Blocks until every replica has loaded the model; returns a ClusterEngine."""
-    check_ray_serve()
+    check_cluster(engine_config, server_config)
     import ray
     from ray import serve
     from ray.serve.config import RequestRouterConfig
@@ -68,7 +90,8 @@ def start_cluster(engine_config: EngineConfig, server_config: ServerConfig):
         name=DEPLOYMENT_NAME,
         num_replicas=server_config.replicas,
         max_ongoing_requests=MAX_ONGOING_PER_REPLICA,
-        ray_actor_options={"num_cpus": threads or 1},
+        ray_actor_options={"num_cpus": threads or 1,
+                           "num_gpus": replica_gpus(engine_config, server_config)},
         health_check_period_s=HEALTH_CHECK_PERIOD_S,
         logging_config={"enable_access_log": False},  # the HTTP server logs requests
         request_router_config=RequestRouterConfig(**router),

@@ -315,9 +315,9 @@ def run(args: argparse.Namespace) -> int:
         path = check_engine_config(engine_config)
         check_port(server_config.host, server_config.port)
         if server_config.clustered:
-            from pikaserve.cluster.launch import check_ray_serve
+            from pikaserve.cluster.launch import check_cluster
 
-            check_ray_serve()
+            check_cluster(engine_config, server_config)
         from pikaserve.server.sampling import load_default_response_format
 
         default_rf = load_default_response_format(server_config.default_response_format)

@@ -138,3 +138,29 @@ def test_replica_stats_sum_counters_and_average_kv_usage():
             total.prefix_cache_hits, total.num_forward_passes) == (1, 3, 150, 50, 10)
     assert total.kv_usage == 0.375 and total.kv_offload_restored == 3
     assert total.spec_decode_num_accepted_tokens_per_pos == (6, 1)
+
+
+@pytest.mark.parametrize("device,gpus,replicas,address,want", [
+    ("cpu", 4, 2, None, 0),
+    ("auto", 0, 2, None, 0),  # no CUDA here: CPU replicas
+    ("auto", 2, 2, None, 1),
+    ("cuda", 4, 2, None, 1),
+    ("cuda", 0, 4, "10.0.0.5:6379", 1),  # a joined cluster's GPUs are its own to count
+    ("cuda", 1, 2, None, "replicas do not share a GPU yet"),
+    ("cuda:1", 4, 2, None, "CUDA_VISIBLE_DEVICES"),
+])
+def test_each_replica_asks_ray_for_a_gpu_of_its_own(device, gpus, replicas, address, want,
+                                                    monkeypatch):
+    import torch
+
+    from pikaserve.cluster.launch import replica_gpus
+    from pikaserve.config import ConfigError, EngineConfig, ServerConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    args = (EngineConfig(device=device), ServerConfig(replicas=replicas, ray_address=address))
+    if isinstance(want, str):
+        with pytest.raises(ConfigError, match=want):
+            replica_gpus(*args)
+    else:
+        assert replica_gpus(*args) == want
