@@ -37,6 +37,10 @@ class ClusterEngine:
     def __init__(self, handle: DeploymentHandle, info: ReplicaInfo, app_name: str,
                  deployment_name: str, num_replicas: int) -> None:
         self._handle = handle
+        # Requests and their outputs go by value over the replicas' gRPC servers rather than
+        # through Ray's object store: a 1-token request took 2.7 vs 5.1 ms through the
+        # handle, an 8-token one 11.0 vs 16.4 ms (medians of 200, alternating; 2-core VM).
+        self._streaming = handle.options(stream=True, _by_reference=False)
         self.app_name = app_name
         self._deployment_name = deployment_name
         self._num_replicas = num_replicas
@@ -58,8 +62,8 @@ class ClusterEngine:
     async def generate(self, request_id: str, token_ids: Sequence[int],
                        params: SamplingParams | PoolingParams
                        ) -> AsyncGenerator[RequestOutput, None]:
-        response = cast(DeploymentResponseGenerator, self._handle.options(
-            stream=True).generate.remote(request_id, list(token_ids), params))
+        response = cast(DeploymentResponseGenerator, self._streaming.generate.remote(
+            request_id, list(token_ids), params))
         call = _Call(asyncio.get_running_loop(), response)
         self._calls.add(call)
         finished = False
