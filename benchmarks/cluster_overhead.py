@@ -7,13 +7,11 @@ Writes benchmarks/results/cluster_overhead/.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 from contextlib import ExitStack
 from pathlib import Path
 
-from pika_vs_llamacpp import free_port, start, wait_ready
+from cluster_routing import start_ray_head, start_server
 from pikaserve.bench.cli import main as bench_main
 from pikaserve.model.loader import default_model_path
 
@@ -28,25 +26,13 @@ def main() -> int:
     args = parser.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
-    os.environ["RAY_AUTH_MODE"] = "token"  # the head and the server that joins it
+    engine = ["--model", str(default_model_path()), "--disable-log-requests"]
     with ExitStack() as stack:
-        ray_port = free_port()
-        subprocess.run(["ray", "start", "--head", "--port", str(ray_port), "--num-cpus", "4",
-                        "--include-dashboard=false", "--disable-usage-stats"], check=True,
-                       capture_output=True)
-        stack.callback(subprocess.run, ["ray", "stop", "--force"], capture_output=True)
-        urls = []
-        for label, extra in (("in-process", []),
-                             ("ray-1-replica", ["--replicas", "1", "--ray-address",
-                                                f"127.0.0.1:{ray_port}"])):
-            port = free_port()
-            proc = start([sys.executable, "-m", "pikaserve", "serve", "--model",
-                          str(default_model_path()), "--disable-log-requests", "--port",
-                          str(port), *extra], args.out / f"serve_{label}.log")
-            stack.callback(proc.wait, 60)
-            stack.callback(proc.terminate)
-            urls.append(f"http://127.0.0.1:{port}")
-            print(f"{label}: ready in {wait_ready(urls[-1], proc, 300):.1f} s")
+        ray_port = start_ray_head(stack, 4)
+        urls = [start_server(stack, "in-process", engine, args.out),
+                start_server(stack, "ray-1-replica", [*engine, "--replicas", "1",
+                                                      "--ray-address", f"127.0.0.1:{ray_port}"],
+                             args.out)]
         return bench_main([
             "--url", urls[0], "--compare", urls[1], "--labels", "in-process,ray-1-replica",
             "--workload", "pika", "--pika-schema", "json_object", "--concurrency",

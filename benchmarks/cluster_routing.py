@@ -56,6 +56,30 @@ def hit_rate(url: str) -> dict[str, float]:
     return total
 
 
+def start_ray_head(stack: ExitStack, cpus: int) -> int:
+    """A Ray head on a free port, stopped when `stack` closes; servers join it with
+    --ray-address. Token authentication on, for the head and the servers started after."""
+    os.environ["RAY_AUTH_MODE"] = "token"  # they read the token from ~/.ray/auth_token
+    port = free_port()
+    subprocess.run(["ray", "start", "--head", "--port", str(port), "--num-cpus", str(cpus),
+                    "--include-dashboard=false", "--disable-usage-stats"], check=True,
+                   capture_output=True)
+    stack.callback(subprocess.run, ["ray", "stop", "--force"], capture_output=True)
+    return port
+
+
+def start_server(stack: ExitStack, label: str, argv: list[str], out: Path) -> str:
+    """`pikaserve serve ARGV` on a free port, ready, terminated when `stack` closes."""
+    port = free_port()
+    proc = start([sys.executable, "-m", "pikaserve", "serve", *argv, "--port", str(port)],
+                 out / f"serve_{label}.log")
+    stack.callback(proc.wait, 60)
+    stack.callback(proc.terminate)
+    url = f"http://127.0.0.1:{port}"
+    print(f"{label}: ready in {wait_ready(url, proc, 300):.1f} s")
+    return url
+
+
 def bench(urls: list[str], labels: list[str], out: Path, n: int, concurrency: str) -> int:
     return bench_main([
         "--url", urls[0], "--compare", *urls[1:], "--labels", ",".join(labels),
@@ -79,40 +103,19 @@ def main() -> int:
               "--kv-cache-memory-bytes", str(POOL_TOKENS * token_bytes)]
     args.out.mkdir(parents=True, exist_ok=True)
     rc = 0
-    # Ray's token authentication, explicitly on for the head and the servers that join it
-    # (they read the token from ~/.ray/auth_token)
-    os.environ["RAY_AUTH_MODE"] = "token"
     with ExitStack() as stack:
-        ray_port = free_port()
-        subprocess.run(["ray", "start", "--head", "--port", str(ray_port), "--num-cpus", "8",
-                        "--include-dashboard=false", "--disable-usage-stats"], check=True,
-                       capture_output=True)
-        stack.callback(subprocess.run, ["ray", "stop", "--force"], capture_output=True)
-        urls = []
-        for policy in POLICIES:
-            port = free_port()
-            proc = start([sys.executable, "-m", "pikaserve", "serve", *engine, "--port", str(port),
-                          "--replicas", "2", "--num-threads", "1", "--routing", policy,
-                          "--ray-address", f"127.0.0.1:{ray_port}"],
-                         args.out / f"serve_{policy}.log")
-            stack.callback(proc.wait, 60)
-            stack.callback(proc.terminate)
-            urls.append(f"http://127.0.0.1:{port}")
-            print(f"{policy}: ready in {wait_ready(urls[-1], proc, 300):.1f} s")
+        ray_port = start_ray_head(stack, 8)
+        urls = [start_server(stack, policy, [*engine, "--replicas", "2", "--num-threads", "1",
+                                             "--routing", policy, "--ray-address",
+                                             f"127.0.0.1:{ray_port}"], args.out)
+                for policy in POLICIES]
         rc |= bench(urls, list(POLICIES), args.out / "routing", args.n, args.concurrency)
         rates = {policy: hit_rate(url) for policy, url in zip(POLICIES, urls)}
         (args.out / "routing" / "hit_rates.json").write_text(json.dumps(rates, indent=1) + "\n")
     with ExitStack() as stack:
-        urls, labels = [], ["tier-off", "tier-on"]
-        for label in labels:
-            port = free_port()
-            extra = ["--kv-offloading-size", "1"] if label == "tier-on" else []
-            proc = start([sys.executable, "-m", "pikaserve", "serve", *engine, *extra,
-                          "--port", str(port)], args.out / f"serve_{label}.log")
-            stack.callback(proc.wait, 60)
-            stack.callback(proc.terminate)
-            urls.append(f"http://127.0.0.1:{port}")
-            print(f"{label}: ready in {wait_ready(urls[-1], proc, 300):.1f} s")
+        labels = ["tier-off", "tier-on"]
+        urls = [start_server(stack, "tier-off", engine, args.out),
+                start_server(stack, "tier-on", [*engine, "--kv-offloading-size", "1"], args.out)]
         rc |= bench(urls, labels, args.out / "tier", args.n, args.concurrency)
         rates = {label: hit_rate(url) for label, url in zip(labels, urls)}
         (args.out / "tier" / "hit_rates.json").write_text(json.dumps(rates, indent=1) + "\n")
