@@ -27,19 +27,16 @@ class ReplicaInfo:
     model_config: ModelConfig
     max_model_len: int
     tokenizer: Any
-    block_size: int  # of the replicas' prefix caches, which the router's index mirrors
 
 
 class EngineReplica:
     def __init__(self, config: EngineConfig) -> None:
-        self.config = config
         self.engine = AsyncEngine(config)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
 
     def describe(self) -> ReplicaInfo:
         e = self.engine
-        return ReplicaInfo(e.model, e.model_path, e.model_config, e.max_model_len, e.tokenizer,
-                           self.config.block_size)
+        return ReplicaInfo(e.model, e.model_path, e.model_config, e.max_model_len, e.tokenizer)
 
     async def generate(self, request_id: str, token_ids: list[int],
                        params: SamplingParams | PoolingParams
