@@ -36,7 +36,6 @@ class ReplicaRouter(RequestRouter):
         self.index = PrefixIndex(index_blocks)
         self.in_flight: defaultdict[ReplicaID, int] = defaultdict(int)
         self._turn = 0
-        self._routed: dict[str, list[int]] = {}  # internal request id -> its prompt's blocks
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None
@@ -76,7 +75,6 @@ class ReplicaRouter(RequestRouter):
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self.in_flight[replica_id] = max(0, self.in_flight[replica_id] - 1)
-        self._routed.pop(internal_request_id, None)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
@@ -87,16 +85,14 @@ class ReplicaRouter(RequestRouter):
 
     def _prompt_blocks(self, pending_request: PendingRequest | None) -> list[int]:
         """The chained hashes of the prompt's full blocks (as the replicas' prefix caches
-        compute them); [] for calls that carry no prompt."""
+        compute them); [] for calls that carry no prompt. Computed when choosing and again
+        when recording (tens of us for a Pika prompt), so that no per-request state is left
+        behind by a request cancelled before it was routed."""
         if (self.policy != "prefix" or pending_request is None
                 or pending_request.metadata.call_method != ROUTED_METHOD):
             return []
-        key = pending_request.metadata.internal_request_id
-        hashes = self._routed.get(key)
-        if hashes is None:
-            _, token_ids, params = pending_request.args
-            hashes = []
-            extend_hashes(hashes, token_ids, len(token_ids) // self.block_size, self.block_size,
-                          params.cache_salt)
-            self._routed[key] = hashes
+        _, token_ids, params = pending_request.args
+        hashes: list[int] = []
+        extend_hashes(hashes, token_ids, len(token_ids) // self.block_size, self.block_size,
+                      params.cache_salt)
         return hashes
