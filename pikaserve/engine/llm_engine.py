@@ -442,13 +442,14 @@ class LLMEngine:
         """Safe to call from another thread: each value is one read of a counter or len() of
         a container the loop thread owns (atomic under the GIL), so a snapshot may be one step
         stale, never torn."""
+        tier = self.pool.tier
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
             kv_usage=self.pool.usage,
             prefix_cache_queries=self.pool.queries,
             prefix_cache_hits=self.pool.hits,
-            kv_offload_blocks=tier.num_used_blocks if (tier := self.pool.tier) else 0,
+            kv_offload_blocks=tier.num_used_blocks if tier else 0,
             kv_offload_stored=tier.offloaded if tier else 0,
             kv_offload_restored=tier.restored if tier else 0,
             num_forward_passes=self.runner.num_forward_passes,

@@ -120,6 +120,7 @@ PARAMS = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 PREFIX_TOKENS = 96  # each system prompt: 24 blocks of 4
 NUM_PREFIXES = 6
 POOL_BLOCKS = 64  # holds two prefixes and their requests, not six
+BLOCK_BYTES = 3 * 2 * 16 * 4 * 2 * 4  # tiny llama: 3 layers x 2 KV heads x 16, K and V, fp32
 
 
 @pytest.fixture(scope="module")
@@ -139,15 +140,10 @@ def prefix_workload() -> list[list[int]]:
 
 def serve_one_by_one(model_dir: str, prompts: list[list[int]], **engine_args):
     llm = LLM(model_dir, dtype="float32", max_model_len=128, block_size=4,
-              kv_cache_memory_bytes=POOL_BLOCKS * block_bytes(model_dir), **engine_args)
+              kv_cache_memory_bytes=POOL_BLOCKS * BLOCK_BYTES, **engine_args)
     outs = [llm.generate([p], PARAMS)[0] for p in prompts]
     assert llm.engine.pool_is_idle() and not llm.engine.has_unfinished_requests()
     return outs, llm
-
-
-def block_bytes(model_dir: str) -> int:
-    # tiny llama: 3 layers x 2 KV heads x head_dim 16, float32, keys and values, 4 tokens
-    return 3 * 2 * 16 * 4 * 2 * 4
 
 
 def test_the_tier_serves_evicted_prefixes_and_leaves_outputs_unchanged(model_dir):
