@@ -162,8 +162,14 @@ INLINE int64_t key_offset(const int64_t *table, int64_t j, int64_t block_size, i
     return ((table[block] * block_size + within) * kv_heads + h) * dim;
 }
 
-/* 16 floats in GCC's portable vector type: AVX512 registers, two AVX2 ones, four NEON ones. */
+/* GCC's portable vector type: 16 floats (an AVX512 register) where AVX512 is on, else 8 (an
+   AVX2 register, two NEON ones). 16 on AVX2 spilled a group's queries and accumulators out of
+   its 16 registers: attention rows ran 3-5x slower than with 8. */
+#ifdef __AVX512F__
 #define LANES 16
+#else
+#define LANES 8
+#endif
 typedef float vfloat __attribute__((vector_size(4 * LANES)));
 typedef uint32_t vuint __attribute__((vector_size(4 * LANES)));
 typedef uint16_t vhalf __attribute__((vector_size(2 * LANES)));
@@ -211,7 +217,7 @@ INLINE float softmax_numerators(float *scores, int64_t len, float top) {
 
 /* One (row, KV head) task of attention_rows: the group of query heads at q_row + g * stride_h
    attend to `len` keys through `table`, written to out_row + g * dim. head_dim is `nv` vectors
-   of 16 floats, a constant for the usual sizes once inlined, so a query head and its
+   of LANES floats, a constant for the usual sizes once inlined, so a query head and its
    accumulators stay in registers while it runs over the keys (which stay in L1/L2 for the
    next head of the group). */
 INLINE void attend(const void *restrict q, int64_t q_row, int64_t stride_h,
@@ -324,12 +330,12 @@ INLINE void attend_sized(const void *restrict q, int64_t q_row, int64_t stride_h
                          const int64_t *table, int64_t len, int64_t group, int64_t h,
                          int64_t kv_heads, int64_t nv, int64_t block_size, float scale,
                          void *restrict out, int64_t out_row, int bf) {
-    if (nv == 4)
-        attend_groups(q, q_row, stride_h, k_cache, v_cache, table, len, group, h, kv_heads, 4,
-                      block_size, scale, out, out_row, bf);
-    else if (nv == 8)
-        attend_groups(q, q_row, stride_h, k_cache, v_cache, table, len, group, h, kv_heads, 8,
-                      block_size, scale, out, out_row, bf);
+    if (nv == 64 / LANES)
+        attend_groups(q, q_row, stride_h, k_cache, v_cache, table, len, group, h, kv_heads,
+                      64 / LANES, block_size, scale, out, out_row, bf);
+    else if (nv == 128 / LANES)
+        attend_groups(q, q_row, stride_h, k_cache, v_cache, table, len, group, h, kv_heads,
+                      128 / LANES, block_size, scale, out, out_row, bf);
     else
         attend(q, q_row, stride_h, k_cache, v_cache, table, len, group, h, kv_heads, nv,
                block_size, scale, out, out_row, bf);

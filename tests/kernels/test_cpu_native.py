@@ -193,9 +193,10 @@ def test_backend_choice(kernels):
     assert backend(torch.bfloat16).fused_kernels is not None
     assert backend(torch.float32).fused_kernels is not None
     assert backend(torch.float32, cpu_kernels="torch").fused_kernels is None
-    assert backend(torch.float32, head_dim=40).fused_kernels is None  # not a multiple of 16
+    odd = kernels.dim_multiple + 4  # not a multiple of the vector width (16 or 8 floats)
+    assert backend(torch.float32, head_dim=odd).fused_kernels is None
     with pytest.raises(ConfigError, match="head_dim"):
-        backend(torch.float32, head_dim=40, cpu_kernels="native")
+        backend(torch.float32, head_dim=odd, cpu_kernels="native")
 
 
 def test_bad_cpu_kernels_value_is_a_config_error():
