@@ -3,9 +3,11 @@
 Each class runs in its own process (the ISA caps must be set before torch starts):
   native        the CPU's own instruction sets
   avx2          ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2: torch's and oneDNN's kernels
-                limited to AVX2, so the engine chooses what an AVX2 CPU gets (float32, int8
-                weights for steps of 1-2 rows, no 4-bit path, the C kernels built for AVX2)
-  avx2_no_int8  the same without the int8 weights (int8_max_rows=0): the lever's worth
+                limited to AVX2, so the engine chooses what an AVX2 CPU gets (float32, the Q4
+                GGUF's matmuls on the Q4 x int8 kernel, an int8 LM head for steps of 1-2 rows,
+                the C kernels built for AVX2)
+  avx2_no_q4    the same with q4_int8_matmul=off (float32 matmuls, int8 copies of every
+                weight for steps of 1-2 rows): the integer kernel's worth
   *_torch_ops   native and avx2 with cpu_kernels=torch: the compiled C kernels' worth
 Classes run in rounds, in reverse order every other round (the VM drifts); a class's figures
 are the median over its rounds.
@@ -38,7 +40,7 @@ CLASSES = {
     "native_torch_ops": ({}, {"cpu_kernels": "torch"}),
     "avx2": (AVX2_KERNEL_CAPS, {}),
     "avx2_torch_ops": (AVX2_KERNEL_CAPS, {"cpu_kernels": "torch"}),
-    "avx2_no_int8": (AVX2_KERNEL_CAPS, {"int8_max_rows": 0}),
+    "avx2_no_q4": (AVX2_KERNEL_CAPS, {"q4_int8_matmul": "off"}),
 }
 
 
@@ -72,6 +74,7 @@ def measure(n: int, engine_args: dict) -> dict:
         "dtype": str(llm.engine.dtype).removeprefix("torch."),
         "int4_rows": llm.engine.runner.model.int4_rows(),
         "int8_rows": llm.engine.runner.model.int8_rows(),
+        "q4_int8_layers": llm.engine.runner.model.q4_int8_layers(),
         "cpu_kernels": llm.engine.runner.model.decoder_layers[0].kernels is not None,
         "pika_ms": {"p50": statistics.median(pika), "p90": q[8], "n": n},
         "decode_tok_per_s": statistics.median(decode),
@@ -119,7 +122,7 @@ def main() -> int:
 
     results["ratios"] = {
         "avx2_vs_native": ratio("avx2", "native"),
-        "int8_on_avx2": ratio("avx2", "avx2_no_int8"),
+        "q4_int8_on_avx2": ratio("avx2", "avx2_no_q4"),
         "c_kernels_on_native": ratio("native", "native_torch_ops"),
         "c_kernels_on_avx2": ratio("avx2", "avx2_torch_ops"),
     }

@@ -75,6 +75,12 @@ class EngineConfig:
     # None: 2 when dtype "auto" chose float32 (CPUs without native bf16), else 0 (an
     # explicit float32 stays exact). 0: never.
     int8_max_rows: int | None = None
+    # CPU + float32 + a Q4_0/Q4_1/Q4_K GGUF, x86 with AVX2: every pass multiplies the GGUF's
+    # 4-bit codes by activations quantized to int8 per group of 32 (llama.cpp's arithmetic;
+    # kernels/q4_matmul.c; ~0.5% off float32). auto: on when dtype auto chose float32 (CPUs
+    # without native bf16) and the kernel builds; an explicit float32 stays exact. on:
+    # required (an error where it cannot run); off: never.
+    q4_int8_matmul: str = "auto"
     tensor_parallel_size: int = 1  # only 1 so far
     # CUDA: steps of up to this many tokens replay a captured CUDA graph (engine/cuda_graphs.py,
     # sizes 1, 2, 4, ... up to it); enforce_eager turns graphs off.
@@ -102,6 +108,8 @@ class EngineConfig:
             raise ConfigError("int4_max_rows must be >= 0")
         if self.int8_max_rows is not None and self.int8_max_rows < 0:
             raise ConfigError("int8_max_rows must be >= 0")
+        if self.q4_int8_matmul not in ("auto", "on", "off"):
+            raise ConfigError(f"q4_int8_matmul must be auto, on or off; got {self.q4_int8_matmul!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError("gpu_memory_utilization must be in (0, 1]")
         if not 0.0 < self.cpu_kv_cache_fraction < 1.0:

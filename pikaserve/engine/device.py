@@ -49,15 +49,20 @@ def cpu_has_fast_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"}) and (onednn_isa_cap() or "ALL") in _BF16_ISAS
 
 
-def describe_cpu(dtype: torch.dtype, int4_rows: int, int8_rows: int, native: bool) -> str:
+def describe_cpu(dtype: torch.dtype, int4_rows: int, int8_rows: int, q4_int8_layers: int,
+                 native: bool) -> str:
     """One line for the start-up log: what the CPU has and which kernels the engine chose."""
     isas = kernel_isas()
     matmul = "bfloat16, native" if dtype == torch.bfloat16 and cpu_has_fast_bf16() else str(dtype).removeprefix("torch.")
     small = ""
     if int4_rows:
         small = f"; Q4 GGUF weights used as 4-bit for steps of <= {int4_rows} rows"
-    elif int8_rows:
-        small = f"; int8 weights (bfloat16 activations) for steps of <= {int8_rows} rows"
+    if q4_int8_layers:
+        small = (f"; {q4_int8_layers} matmuls on the Q4 GGUF codes x int8 activations "
+                 "(integer kernel), every step")
+    if int8_rows:
+        which = "the other weights" if q4_int8_layers else "the weights"
+        small += f"; int8 copies of {which} (bfloat16 activations) for steps of <= {int8_rows} rows"
     small_ops = "compiled C kernels" if native else "PyTorch ops"
     return (f"CPU flags {' '.join(cpu_flags()) or 'none of note'}; torch kernels {isas['torch']}, "
             f"oneDNN cap {isas['onednn_cap']}; matmuls {matmul} (oneDNN, weights reordered once){small}"
@@ -95,6 +100,18 @@ def resolve_int8_rows(config: EngineConfig, device: torch.device, dtype: torch.d
     if config.int8_max_rows is not None:
         return config.int8_max_rows
     return AUTO_INT8_ROWS if config.dtype == "auto" else 0
+
+
+def resolve_q4_int8(config: EngineConfig, device: torch.device, dtype: torch.dtype) -> str:
+    """Whether float32 CPU matmuls run on 4-bit codes x int8 activations
+    (EngineConfig.q4_int8_matmul): "on", "auto" (where the kernel builds) or "off"."""
+    mode = config.q4_int8_matmul
+    if device.type == "cpu" and dtype == torch.float32:
+        return mode if mode == "on" or config.dtype == "auto" else "off"
+    if mode == "on":
+        raise ConfigError(f"q4_int8_matmul 'on' runs float32 models on a CPU; this engine "
+                          f"runs {str(dtype).removeprefix('torch.')} on {device.type}")
+    return "off"
 
 
 def resolve_kv_cache_dtype(name: str, device: torch.device) -> torch.dtype | None:

@@ -35,6 +35,7 @@ from pikaserve.kv.host_tier import HostKVTier
 from pikaserve.model.loader import LoadedModel, load_model, resolve_model_path
 from pikaserve.engine.device import (
     configure_threads, describe_cpu, resolve_device, resolve_dtype, resolve_int8_rows,
+    resolve_q4_int8,
     resolve_kv_cache_dtype)
 
 logger = logging.getLogger(__name__)
@@ -53,10 +54,12 @@ class LLMEngine:
         path = resolve_model_path(config.model)
         kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.device) or self.dtype
         int8_rows = resolve_int8_rows(config, self.device, self.dtype)
+        q4_int8 = resolve_q4_int8(config, self.device, self.dtype)
 
         def load(path: Path, max_positions: int | None) -> LoadedModel:
             return load_model(path, self.device, self.dtype, max_positions, config.int4_max_rows,
-                              int8_rows, config.attention_backend, kv_dtype, config.cpu_kernels)
+                              int8_rows, config.attention_backend, kv_dtype, config.cpu_kernels,
+                              q4_int8)
 
         loaded = load(path, config.max_model_len)
         self.model_path = path
@@ -134,6 +137,7 @@ class LLMEngine:
         if self.device.type == "cpu":
             model = loaded.model
             logger.info(describe_cpu(self.dtype, model.int4_rows(), model.int8_rows(),
+                                     model.q4_int8_layers(),
                                      loaded.backend.fused_kernels is not None))
 
     # --- requests -----------------------------------------------------------------------

@@ -161,8 +161,9 @@ def load(mode: str = "auto") -> CpuKernels | None:
         return None
 
 
-def build() -> Path:
-    """Compile cpu_kernels.c for this machine, or return the cached library."""
+def build(source_path: Path = SOURCE) -> Path:
+    """Compile a C file of this folder (cpu_kernels.c by default) for this machine, or return
+    the cached library."""
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         raise OSError("no C compiler (cc) on PATH")
@@ -170,26 +171,26 @@ def build() -> Path:
     # scalar (AVX2); results are the same
     flags = ["-O3", *_isa_flags(), "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
              "-std=gnu11", "-shared", "-fPIC"]
-    source = SOURCE.read_bytes()
+    source = source_path.read_bytes()
     # the CPU's model and flags too: a cache in a shared home must not hand one CPU's
     # -march=native build to another
     machine = [compiler, *flags, cpu_model(), *cpu_flags()]
     key = hashlib.sha256(source + " ".join(machine).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("PIKASERVE_CACHE_DIR", Path.home() / ".cache" / "pikaserve"))
-    path = cache / "kernels" / f"cpu_kernels-{key}.so"
+    path = cache / "kernels" / f"{source_path.stem}-{key}.so"
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.partial")  # concurrent builds never mix
-    result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(partial), "-lm"],
+    result = subprocess.run([compiler, *flags, str(source_path), "-o", str(partial), "-lm"],
                             capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
         partial.unlink(missing_ok=True)
         lines = result.stderr.strip().splitlines()
         errors = [line for line in lines if "error" in line] or lines[-3:]
-        raise OSError(f"{compiler} failed: {' / '.join(errors[:3])}")
+        raise OSError(f"{compiler} failed on {source_path.name}: {' / '.join(errors[:3])}")
     os.replace(partial, path)
-    logger.info("built the CPU kernels: %s", path)
+    logger.info("built %s: %s", source_path.name, path)
     return path
 
 

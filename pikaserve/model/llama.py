@@ -15,8 +15,12 @@ from torch import nn
 from pikaserve.attention.backend import AttentionBackend, FusedKernels
 from pikaserve.model import onednn_weights
 from pikaserve.model.checkpoint import ModelLoadError
-from pikaserve.model.int4_weights import Int4Groups, PackedInt4, can_pack
+from pikaserve.kernels.q4_matmul import Q4Matmul
+from pikaserve.model import q4_int8_weights
+from pikaserve.model.int4_weights import Int4Groups, PackedInt4
+from pikaserve.model.int4_weights import can_pack as int4_can_pack
 from pikaserve.model.int8_weights import Int8Weight
+from pikaserve.model.q4_int8_weights import Q4Int8Weight
 from pikaserve.model.model_config import ModelConfig
 from pikaserve.model.rope import RotaryEmbedding, apply_rotary
 
@@ -39,11 +43,17 @@ class Linear(nn.Module):
         self.int4_max_rows = 0
         self.int8: Int8Weight | None = None
         self.int8_max_rows = 0
+        self.q4_int8: Q4Int8Weight | None = None
         self.reordered: torch.Tensor | None = None
 
     def use_int4(self, groups: Int4Groups, max_rows: int) -> None:
         """Multiply inputs of at most `max_rows` rows by 4-bit weights (model/int4_weights.py)."""
         self.int4, self.int4_max_rows = PackedInt4(groups), max_rows
+
+    def use_q4_int8(self, groups: Int4Groups, kernel: Q4Matmul) -> None:
+        """Multiply every (float32) input by the 4-bit codes with int8 activations
+        (model/q4_int8_weights.py). The float weight is released: nothing else reads it."""
+        self.q4_int8, self.weight = Q4Int8Weight(groups, kernel), None
 
     def use_int8(self, max_rows: int) -> None:
         """Multiply float32 inputs of at most `max_rows` rows by an int8 copy of the weight
@@ -58,6 +68,9 @@ class Linear(nn.Module):
             self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q4_int8 is not None:
+            y = self.q4_int8.matmul(x)
+            return y if self.bias is None else y + self.bias
         if self.int4 is not None and x.shape[0] <= self.int4_max_rows:
             y = self.int4.matmul(x)
             return y if self.bias is None else y + self.bias
@@ -267,9 +280,10 @@ class LlamaForCausalLM(nn.Module):
         """`layers`, typed (an nn.ModuleList yields plain Modules)."""
         return cast(list[DecoderLayer], list(self.layers))
 
-    def use_int4(self, int4: dict[str, Int4Groups], max_rows: int) -> None:
-        """Give every linear layer whose weights are all in `int4` (HF names) a packed 4-bit
-        copy, used for passes of at most `max_rows` rows."""
+    def _int4_layers(self, int4: dict[str, Int4Groups]) -> list[tuple[Linear, Int4Groups]]:
+        """The decoder layers' linear layers whose weights are all in `int4` (HF names), with
+        their (fused) 4-bit weights."""
+        found = []
         for i, layer in enumerate(self.decoder_layers):
             attn, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
             linears = [
@@ -280,10 +294,31 @@ class LlamaForCausalLM(nn.Module):
             ]
             for linear, names in linears:
                 weights = [int4[n + ".weight"] for n in names if n + ".weight" in int4]
-                if len(weights) == len(names) and can_pack(linear.shape):
-                    linear.use_int4(Int4Groups.cat(weights), max_rows)
-        if "lm_head.weight" in int4 and can_pack(self.lm_head.shape):
+                if len(weights) == len(names):
+                    found.append((linear, Int4Groups.cat(weights)))
+        return found
+
+    def use_int4(self, int4: dict[str, Int4Groups], max_rows: int) -> None:
+        """Give every linear layer whose weights are all in `int4` (HF names) a packed 4-bit
+        copy, used for passes of at most `max_rows` rows."""
+        for linear, groups in self._int4_layers(int4):
+            if int4_can_pack(linear.shape):
+                linear.use_int4(groups, max_rows)
+        if "lm_head.weight" in int4 and int4_can_pack(self.lm_head.shape):
             self.lm_head.use_int4(int4["lm_head.weight"], max_rows)
+
+    def use_q4_int8(self, int4: dict[str, Int4Groups], kernel: Q4Matmul) -> None:
+        """float32 on a CPU: every decoder linear layer whose weights are all in `int4` runs
+        on the integer Q4 x int8 kernel (model/q4_int8_weights.py). After load_hf_tensors
+        (the float weights are released). The LM head stays float: grammar-held steps take
+        rows of it."""
+        for linear, groups in self._int4_layers(int4):
+            if q4_int8_weights.can_pack(linear.shape):
+                linear.use_q4_int8(groups, kernel)
+
+    def q4_int8_layers(self) -> int:
+        """How many linear layers run on the Q4 x int8 kernel."""
+        return sum(1 for m in self.modules() if isinstance(m, Linear) and m.q4_int8 is not None)
 
     def int4_rows(self) -> int:
         """The most rows a step may have for the layers to use their 4-bit weights (0: none)."""
@@ -296,7 +331,8 @@ class LlamaForCausalLM(nn.Module):
         which may drop the plain weights."""
         for layer in self.decoder_layers:
             for linear in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
-                linear.use_int8(max_rows)
+                if linear.q4_int8 is None:
+                    linear.use_int8(max_rows)
         self.lm_head.use_int8(max_rows)
 
     def int8_rows(self) -> int:
@@ -308,7 +344,8 @@ class LlamaForCausalLM(nn.Module):
         its plain weight: it may be the embedding table, and grammar-held steps take rows of it."""
         for layer in self.decoder_layers:
             for linear in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
-                linear.reorder_for_onednn(keep_plain=False)
+                if linear.q4_int8 is None:
+                    linear.reorder_for_onednn(keep_plain=False)
         self.lm_head.reorder_for_onednn(keep_plain=True)
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from pikaserve.attention.backend import AttentionBackend, select_backend
-from pikaserve.config import DEFAULT_MODEL_ID
+from pikaserve.config import DEFAULT_MODEL_ID, ConfigError
+from pikaserve.kernels import q4_matmul
 from pikaserve.model.checkpoint import Checkpoint, ModelLoadError
 from pikaserve.model.hf_loader import load_hf_folder, load_hf_tokenizer
 from pikaserve.model.llama import LlamaForCausalLM
@@ -124,20 +125,31 @@ def load_model(
     attention_backend: str = "torch",
     kv_cache_dtype: torch.dtype | None = None,
     cpu_kernels: str = "auto",
+    q4_int8: str = "off",
 ) -> LoadedModel:
     """int4_max_rows > 0: passes of at most that many rows use a Q4 GGUF's packed 4-bit
     weights; only torch's CPU kernel for bfloat16 exists (its float32 path is ~10x slower).
-    int8_max_rows > 0 (CPU + float32): such passes use int8 copies of the weights."""
+    q4_int8 "auto"/"on" (CPU + float32, engine/device.resolve_q4_int8): the Q4 layers run
+    on the integer Q4 x int8 kernel instead, where it builds ("on": or fail).
+    int8_max_rows > 0 (CPU + float32): passes of at most that many rows use int8 copies of
+    the other weights."""
     use_int4 = int4_max_rows > 0 and device.type == "cpu" and dtype == torch.bfloat16
-    checkpoint, tokenizer = load_checkpoint(path, dtype, keep_int4=use_int4)
+    q4_kernel = q4_matmul.load(q4_int8)
+    checkpoint, tokenizer = load_checkpoint(path, dtype,
+                                            keep_int4=use_int4 or q4_kernel is not None)
     config = ModelConfig.from_hf(checkpoint.config)
     positions = max_positions or config.max_position_embeddings
     backend = select_backend(attention_backend, device, dtype, kv_cache_dtype or dtype,
                              config.num_heads, config.num_kv_heads, config.head_dim, cpu_kernels)
     model = LlamaForCausalLM(config, positions, dtype, device, backend)
-    if checkpoint.int4:
+    if use_int4 and checkpoint.int4:
         model.use_int4(checkpoint.int4, int4_max_rows)
     model.load_hf_tensors(checkpoint.tensors)
+    if q4_kernel is not None:
+        model.use_q4_int8(checkpoint.int4, q4_kernel)
+        if q4_int8 == "on" and not model.q4_int8_layers():
+            raise ConfigError("q4_int8_matmul 'on' needs a GGUF model with Q4_0, Q4_1 or "
+                              f"Q4_K matrices; {path.name} has none")
     if int8_max_rows > 0 and device.type == "cpu" and dtype == torch.float32:
         model.use_int8(int8_max_rows)
     if device.type == "cpu":

@@ -83,6 +83,9 @@ FLAGS = (
          "many rows multiply by a Q4 GGUF's 4-bit weights directly; 0: never"),
     Flag("int8-max-rows", "engine", type=int, help="CPU + float32: steps of at most this many "
          "rows use int8 weights (default 2 when dtype auto chose float32; 0: never)"),
+    Flag("q4-int8-matmul", "engine", help="auto | on | off: CPU + float32 + a Q4 GGUF: "
+         "matmuls on the 4-bit codes x int8 activations (x86 AVX2; auto: when dtype auto "
+         "chose float32)"),
     Flag("structured-output-draft", "engine", "toggle", help="guess a grammar's next choice "
          "and compute it with the tokens forced after it in the same pass (on by default)"),
     Flag("speculative-config", "engine", "mapping", help="speculative decoding, a JSON "

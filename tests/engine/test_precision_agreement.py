@@ -52,6 +52,7 @@ print(json.dumps({
     "dtype": str(llm.engine.dtype),
     "int4_rows": llm.engine.runner.model.int4_rows(),
     "int8_rows": llm.engine.runner.model.int8_rows(),
+    "q4_int8_layers": llm.engine.runner.model.q4_int8_layers(),
     "cpu_kernels": llm.engine.runner.model.decoder_layers[0].kernels is not None,
     "answers": answers(llm),
 }))
@@ -61,9 +62,10 @@ print(json.dumps({
 @pytest.mark.slow
 def test_forced_avx2_choices_give_the_fp32_answers(default_llm_fp32, tmp_path):
     """An AVX512 machine run as an AVX2 one (torch's and oneDNN's ISA caps) chooses what an
-    AVX2 CPU gets by default (float32, int8 weights for 1-2-row steps, no 4-bit path), the
-    caps take effect, and its answers are the exact float32 reference's. On an AVX2-only CPU
-    this is the plain default path."""
+    AVX2 CPU gets by default (float32, the Q4 GGUF's matmuls on the Q4 x int8 kernel where a
+    compiler builds it, an int8 LM head for 1-2-row steps, no bfloat16 4-bit path), the caps
+    take effect, and its answers are the exact float32 reference's. On an AVX2-only CPU this
+    is the plain default path."""
     import os
     import subprocess
     import sys
@@ -78,6 +80,7 @@ def test_forced_avx2_choices_give_the_fp32_answers(default_llm_fp32, tmp_path):
     assert probe["dtype"] == "torch.float32" and probe["int4_rows"] == 0
     assert probe["int8_rows"] == 2 and default_llm_fp32.engine.runner.model.int8_rows() == 0
     assert probe["cpu_kernels"] == (shutil.which("cc") is not None)  # built for AVX2 there
+    assert probe["q4_int8_layers"] == (120 if shutil.which("cc") else 0)  # 30 layers x 4
     reference = answers(default_llm_fp32)
     for answer in probe["answers"]:
         assert answer["emotion"] in LABELS and isinstance(answer["learn_score"], bool)

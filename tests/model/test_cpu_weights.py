@@ -1,7 +1,9 @@
-"""CPU weight layouts: Q4 GGUF weights kept packed (int4) and oneDNN-reordered weights.
+"""CPU weight layouts: Q4 GGUF weights kept packed (int4 for bfloat16, the Q4 x int8 kernel
+for float32), int8 copies, and oneDNN-reordered weights.
 
-Both must compute what the plain dequantized weights compute: exactly for the reordering,
-within bfloat16 rounding for the 4-bit kernel (its scales are rounded to bfloat16).
+All must compute what the plain dequantized weights compute: exactly for the reordering,
+within bfloat16 rounding for the 4-bit kernel (its scales are rounded to bfloat16), within
+int8 activation rounding for the Q4 x int8 kernel.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from pikaserve.attention.metadata import AttentionMetadata, ChunkSequence
+from pikaserve.kernels import q4_matmul
 from pikaserve.llm import LLM
 from pikaserve.model.gguf_loader import load_gguf
 from pikaserve.model.int4_weights import PackedInt4
@@ -135,3 +138,38 @@ def test_onednn_reordered_linear_equals_f_linear(dtype):
             assert torch.equal(linear(x), want)
         else:
             torch.testing.assert_close(linear(x), want, rtol=1e-5, atol=1e-5)
+
+
+needs_q4_kernel = pytest.mark.skipif(not q4_matmul.available(), reason="x86 AVX2 kernel")
+
+
+@needs_q4_kernel
+@pytest.mark.parametrize(("arch", "qtype"), INT4_FILES, ids=lambda v: getattr(v, "name", v))
+def test_q4_int8_layers_agree_with_float32(tiny_gguf, arch, qtype):
+    """float32 + a Q4 GGUF with the integer kernel on: every decoder matmul runs on the 4-bit
+    codes (their float weights released), the LM head stays float, and the logits are the
+    exact float32 model's within int8 activation rounding, for one row and for many."""
+    path = str(tiny_gguf(arch, qtype).path)
+    q4 = LLM(path, dtype="float32", q4_int8_matmul="on")
+    exact = LLM(path, dtype="float32")
+    model = q4.engine.runner.model
+    assert model.q4_int8_layers() == 4 * len(model.layers)
+    assert all(layer.qkv_proj.weight is None and layer.qkv_proj.reordered is None
+               for layer in model.layers)
+    assert model.lm_head.q4_int8 is None
+    assert exact.engine.runner.model.q4_int8_layers() == 0  # an explicit float32 stays exact
+    for prompt in ([3], [1, 7, 3, 8, 2, 6, 4, 9, 5, 2, 11, 13]):
+        assert_close_at_scale(prefill_logits(q4, prompt, every_row=True),
+                              prefill_logits(exact, prompt, every_row=True), fraction=0.03)
+
+
+def test_q4_int8_refused_where_it_cannot_run(tiny_gguf):
+    from pikaserve.config import ConfigError
+
+    with pytest.raises(ConfigError, match="runs float32 models on a CPU"):
+        LLM(str(tiny_gguf("llama", Q.Q4_1).path), dtype="bfloat16", q4_int8_matmul="on")
+    with pytest.raises(ConfigError, match="q4_int8_matmul must be"):
+        LLM(str(tiny_gguf("llama", Q.Q4_1).path), dtype="float32", q4_int8_matmul="yes")
+    if q4_matmul.available():
+        with pytest.raises(ConfigError, match="Q4_0, Q4_1 or Q4_K"):
+            LLM(str(tiny_gguf("llama", Q.Q8_0).path), dtype="float32", q4_int8_matmul="on")

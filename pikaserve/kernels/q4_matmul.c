@@ -1,0 +1,139 @@
+/* float32 rows times 4-bit GGUF weights in integer arithmetic, for x86 CPUs with AVX2.
+
+Why: without native bfloat16 (AVX2 CPUs, AVX512 without BF16) the model runs float32 matmuls,
+and a Pika prefill of ~50 rows is compute-bound on them: two AVX2 cores do 16 float
+multiply-adds per cycle each. vpmaddubsw does 32 byte multiplies per instruction, so the same
+work in 8-bit integers takes about half the instructions, and a pass over a few rows reads
+the weights' 4-bit codes (a quarter of float32's bytes... an eighth).
+
+What it computes, exactly: the weights are the GGUF's own (Q4_0, Q4_1, Q4_K: per group of
+32 along K, w = scale * q + minimum, q in 0..15). Each row of x is quantized per group of 32
+to int8 with one float scale (as llama.cpp's Q8 activations), so
+  y[i, j] = sum over groups g of  d[i,g] * (scale[j,g] * sum_k q[j,k] * a[i,k]
+                                            + minimum[j,g] * sum_k a[i,k])
+with a[i,k] = round(x[i,k] / d[i,g]) in -127..127. The codes are unsigned and small, so
+vpmaddubsw's int16 pair sums (at most 2 * 15 * 127) add up over a whole group without
+saturating (8 of them: 30480 < 32767): exact integer dot products, one conversion per group.
+
+Layouts (model/q4_weights.py packs them):
+  codes   [N / 8][K / 8][32] bytes: tile of 8 output channels, step of 8 along K; byte
+          4 * c + j holds channel c's code at k = 8t + j in its low nibble, 8t + 4 + j high
+  scales  [N / 8][K / 32][8] float, minimums the same
+  x       [M, K] float32, rows strided; out [M, N] float32, rows strided
+*/
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define GROUP 32
+#define TILE 8
+#define MAX_ROWS_AT_ONCE 4
+#define INLINE static inline __attribute__((always_inline))
+
+/* One row's groups of 32 to int8 codes, each group's scale, and scale * sum of codes. */
+static void quantize_row(const float *x, int64_t k, int8_t *codes, float *scale, float *sums) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t g = 0; g < k / GROUP; g++) {
+        const float *p = x + g * GROUP;
+        __m256 v0 = _mm256_loadu_ps(p), v1 = _mm256_loadu_ps(p + 8);
+        __m256 v2 = _mm256_loadu_ps(p + 16), v3 = _mm256_loadu_ps(p + 24);
+        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                 _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        float amax = _mm_cvtss_f32(h);
+        float d = amax / 127.0f;
+        __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        /* round to nearest even (the default rounding mode), as torch.round */
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, inv));
+        __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, inv));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, inv));
+        __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, inv));
+        __m256i total = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+        /* the packs work within 128-bit lanes; the permute puts the 32 bytes back in order */
+        __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        _mm256_storeu_si256((__m256i *)(codes + g * GROUP), _mm256_permutevar8x32_epi32(packed, order));
+        scale[g] = d;
+        sums[g] = d * (float)_mm_cvtsi128_si32(t);
+    }
+}
+
+INLINE __m256i broadcast4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* `rows` (a constant after inlining) rows times one tile of 8 output channels. */
+INLINE void tile_rows(int rows, const uint8_t *codes, const float *scales, const float *mins,
+                      const int8_t *a, int64_t k, const float *d, const float *sums,
+                      float *out, int64_t out_stride) {
+    const int64_t groups = k / GROUP;
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[MAX_ROWS_AT_ONCE];
+    for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        __m256i dot[MAX_ROWS_AT_ONCE];
+        for (int r = 0; r < rows; r++) dot[r] = _mm256_setzero_si256();
+        for (int t = 0; t < GROUP / 8; t++) {
+            __m256i packed = _mm256_loadu_si256((const __m256i *)(codes + (g * 4 + t) * 32));
+            __m256i w0 = _mm256_and_si256(packed, low);
+            __m256i w1 = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+            for (int r = 0; r < rows; r++) {
+                const int8_t *ar = a + r * k + g * GROUP + t * 8;
+                dot[r] = _mm256_add_epi16(dot[r], _mm256_maddubs_epi16(w0, broadcast4(ar)));
+                dot[r] = _mm256_add_epi16(dot[r], _mm256_maddubs_epi16(w1, broadcast4(ar + 4)));
+            }
+        }
+        __m256 sc = _mm256_loadu_ps(scales + g * TILE), mn = _mm256_loadu_ps(mins + g * TILE);
+        for (int r = 0; r < rows; r++) {
+            __m256 exact = _mm256_cvtepi32_ps(_mm256_madd_epi16(dot[r], ones));
+            acc[r] = _mm256_fmadd_ps(exact, _mm256_mul_ps(sc, _mm256_set1_ps(d[r * groups + g])), acc[r]);
+            acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(sums[r * groups + g]), acc[r]);
+        }
+    }
+    for (int r = 0; r < rows; r++) _mm256_storeu_ps(out + r * out_stride, acc[r]);
+}
+
+/* y = x W^T for x [m, k] (row stride x_stride), W given as above, y [m, n] (row stride
+   out_stride). k a multiple of 32, n of 8. Runs on `threads` OpenMP threads. */
+void q4_matmul(const float *x, int64_t x_stride, const uint8_t *codes, const float *scales,
+               const float *mins, float *out, int64_t out_stride, int64_t m, int64_t n, int64_t k,
+               int64_t threads) {
+    const int64_t groups = k / GROUP;
+    int8_t *a = aligned_alloc(64, (size_t)((m * k + 63) / 64 * 64));
+    float *d = malloc(sizeof(float) * (size_t)(m * groups) * 2);
+    if (!a || !d) abort();
+    float *sums = d + m * groups;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < m; i++)
+            quantize_row(x + i * x_stride, k, a + i * k, d + i * groups, sums + i * groups);
+#pragma omp for schedule(static)
+        for (int64_t tile = 0; tile < n / TILE; tile++) {
+            const uint8_t *c = codes + tile * (k / 8) * 32;
+            const float *sc = scales + tile * groups * TILE, *mn = mins + tile * groups * TILE;
+            float *o = out + tile * TILE;
+            int64_t i = 0;
+            for (; i + 4 <= m; i += 4)
+                tile_rows(4, c, sc, mn, a + i * k, k, d + i * groups, sums + i * groups,
+                          o + i * out_stride, out_stride);
+            switch (m - i) {
+            case 3: tile_rows(3, c, sc, mn, a + i * k, k, d + i * groups, sums + i * groups, o + i * out_stride, out_stride); break;
+            case 2: tile_rows(2, c, sc, mn, a + i * k, k, d + i * groups, sums + i * groups, o + i * out_stride, out_stride); break;
+            case 1: tile_rows(1, c, sc, mn, a + i * k, k, d + i * groups, sums + i * groups, o + i * out_stride, out_stride); break;
+            }
+        }
+    }
+    free(a);
+    free(d);
+}

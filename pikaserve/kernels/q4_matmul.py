@@ -1,0 +1,83 @@
+"""float32 rows times 4-bit GGUF weights in integer arithmetic (q4_matmul.c), for AVX2 CPUs.
+
+On a CPU without native bfloat16 the model runs float32 matmuls, compute-bound at the ~50
+rows of a Pika prefill and memory-bound on 540 MB of float32 weights at a few rows. The C
+kernel multiplies the GGUF's own 4-bit codes by activations quantized to int8 per group of 32
+(llama.cpp's arithmetic): 1.4-2x float32's speed from 6 to 1024 rows and 2.5-3.8x at 1-2 rows
+on SmolLM2's shapes, capped to AVX2 on the project's CPU (docs/performance.md).
+
+It is x86 code (AVX2 + FMA intrinsics), compiled on first use like cpu_kernels.c and for the
+same instruction sets; elsewhere `load("auto")` returns None and the model keeps float32.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+from pikaserve.config import ConfigError
+from pikaserve.kernels import cpu_native
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("q4_matmul.c")
+GROUP = 32  # values per scale along K (the GGUF's group)
+TILE = 8  # output channels per packed tile
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+class Q4Matmul:
+    """The compiled kernel. Weights come packed by model/q4_int8_weights.py."""
+
+    def __init__(self, library: ctypes.CDLL, path: Path) -> None:
+        self.path = path
+        self._fn = library.q4_matmul
+        self._fn.argtypes, self._fn.restype = [_P, _I, _P, _P, _P, _P, _I, _I, _I, _I, _I], None
+
+    def __call__(
+        self,
+        x: torch.Tensor,  # [M, K] float32, rows may be strided
+        codes: torch.Tensor,  # [N / 8, K / 8, 32] uint8
+        scales: torch.Tensor,  # [N / 8, K / 32, 8] float32
+        minimums: torch.Tensor,  # [N / 8, K / 32, 8] float32
+    ) -> torch.Tensor:  # [M, N] float32
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        rows, k = x.shape
+        n = codes.shape[0] * TILE
+        out = torch.empty((rows, n), dtype=torch.float32)
+        self._fn(x.data_ptr(), x.stride(0), codes.data_ptr(), scales.data_ptr(),
+                 minimums.data_ptr(), out.data_ptr(), n, rows, n, k, torch.get_num_threads())
+        return out
+
+
+def available() -> bool:
+    """An x86 CPU whose kernels torch runs at AVX2 or above (so not capped below it)."""
+    return (platform.machine().lower() in ("x86_64", "amd64")
+            and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+
+
+def load(mode: str) -> Q4Matmul | None:
+    """mode "off": None; "auto": None where the kernel cannot run or build here (the latter
+    logged); "on": a ConfigError then."""
+    if mode == "off":
+        return None
+    if not available():
+        if mode == "on":
+            raise ConfigError("q4_int8_matmul 'on' needs an x86 CPU with AVX2 (this one runs "
+                              f"{platform.machine()} / {torch.backends.cpu.get_cpu_capability()})")
+        return None
+    try:
+        path = cpu_native.build(SOURCE)
+        return Q4Matmul(ctypes.CDLL(str(path)), path)
+    except (OSError, subprocess.SubprocessError) as e:
+        if mode == "on":
+            raise ConfigError(f"q4_int8_matmul 'on': could not build {SOURCE.name}: {e}") from e
+        logger.warning("the Q4 x int8 kernel did not build (%s); float32 matmuls instead", e)
+        return None

@@ -1,0 +1,102 @@
+"""The Q4 x int8 matmul kernel (kernels/q4_matmul.c): the arithmetic it promises, on the
+shapes and row counts the model gives it, and its build and refusal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pikaserve.config import ConfigError
+from pikaserve.kernels import q4_matmul
+from pikaserve.model.int4_weights import Int4Groups
+from pikaserve.model.q4_int8_weights import Q4Int8Weight
+
+pytestmark = pytest.mark.skipif(not q4_matmul.available(), reason="x86 AVX2 kernel")
+
+
+@pytest.fixture(scope="module")
+def kernel() -> q4_matmul.Q4Matmul:
+    built = q4_matmul.load("on")
+    assert built is not None
+    return built
+
+
+def random_groups(n: int, k: int, seed: int) -> Int4Groups:
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.rand(n, k // 32, generator=g) * 0.02 + 1e-3
+    minimum = -8 * scale + torch.randn(n, k // 32, generator=g) * 1e-3
+    return Int4Groups(torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8), scale, minimum)
+
+
+def reference(x: torch.Tensor, groups: Int4Groups) -> torch.Tensor:
+    """What the kernel computes: x quantized to int8 per group of 32 as the kernel does it
+    (times 127 / max in float32, rounded half to even), integer dot products with the codes,
+    then the group's scales and minimums (in float64 here)."""
+    m, k = x.shape
+    xg = x.float().reshape(m, k // 32, 32)
+    top = xg.abs().amax(-1, keepdim=True)  # [M, G, 1]
+    inverse = torch.where(top > 0, 127 / top, 0)
+    a = (xg * inverse).round().double()  # [M, G, 32]
+    d = (top / 127).squeeze(-1).double()  # [M, G]
+    codes = groups.codes.double().view(-1, k // 32, 32)  # [N, G, 32]
+    dots = torch.einsum("mgk,ngk->mng", a, codes)
+    exact = dots * groups.scale.double()[None] + a.sum(-1)[:, None] * groups.minimum.double()[None]
+    return (exact * d[:, None]).sum(-1)
+
+
+@pytest.mark.parametrize("n,k", [(8, 32), (24, 64), (960, 576), (576, 1536)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 9, 50])
+def test_kernel_computes_the_promised_arithmetic(kernel, n, k, rows):
+    groups = random_groups(n, k, seed=n + rows)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+    got = Q4Int8Weight(groups, kernel).matmul(x)
+    want = reference(x, groups)
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    # float32 accumulation over K / 32 groups: relative to the output's scale
+    assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+    # and the quantization itself stays within ~1% of the float32 product
+    plain = x @ groups.dequantize().T
+    assert (got - plain).abs().max() <= 0.02 * plain.abs().max()
+
+
+def test_strided_rows_zero_groups_and_outliers(kernel):
+    """Rows of a wider tensor (as a fused projection's slice), a group of zeros (scale 0)
+    and one huge value per row (its group alone loses precision)."""
+    groups = random_groups(16, 128, seed=1)
+    wide = torch.randn(6, 200, generator=torch.Generator().manual_seed(2))
+    wide[:, 40:72] = 0
+    wide[:, 5] = 1e4
+    x = wide[:, 8:136]  # rows strided by 200
+    got = Q4Int8Weight(groups, kernel).matmul(x)
+    torch.testing.assert_close(got.double(), reference(x.contiguous(), groups), rtol=1e-5, atol=1e-3)
+
+
+def test_one_thread_and_several_give_the_same_bits(kernel):
+    groups = random_groups(96, 256, seed=3)
+    x = torch.randn(13, 256, generator=torch.Generator().manual_seed(4))
+    weight = Q4Int8Weight(groups, kernel)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = weight.matmul(x)
+        torch.set_num_threads(2)
+        parallel = weight.matmul(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(serial, parallel)  # each output tile is one thread's whole sum
+
+
+def test_off_and_refusals(monkeypatch):
+    assert q4_matmul.load("off") is None
+    monkeypatch.setattr(q4_matmul, "available", lambda: False)
+    assert q4_matmul.load("auto") is None
+    with pytest.raises(ConfigError, match="AVX2"):
+        q4_matmul.load("on")
+
+
+def test_without_a_compiler_auto_falls_back_and_on_refuses(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIKASERVE_CACHE_DIR", str(tmp_path))  # nothing cached
+    monkeypatch.setenv("CC", "no-such-compiler")
+    assert q4_matmul.load("auto") is None
+    with pytest.raises(ConfigError, match="could not build"):
+        q4_matmul.load("on")
