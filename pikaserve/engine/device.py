@@ -58,7 +58,7 @@ def describe_cpu(dtype: torch.dtype, int4_rows: int, int8_rows: int, q4_int8_lay
     if int4_rows:
         small = f"; Q4 GGUF weights used as 4-bit for steps of <= {int4_rows} rows"
     if q4_int8_layers:
-        small = (f"; {q4_int8_layers} matmuls on the Q4 GGUF codes x int8 activations "
+        small = (f"; {q4_int8_layers} of them instead on the Q4 GGUF codes x int8 activations "
                  "(integer kernel), every step")
     if int8_rows:
         which = "the other weights" if q4_int8_layers else "the weights"
