@@ -1,10 +1,11 @@
 /* float32 rows times 4-bit GGUF weights in integer arithmetic, for x86 CPUs with AVX2.
 
 Why: without native bfloat16 (AVX2 CPUs, AVX512 without BF16) the model runs float32 matmuls,
-and a Pika prefill of ~50 rows is compute-bound on them: two AVX2 cores do 16 float
-multiply-adds per cycle each. vpmaddubsw does 32 byte multiplies per instruction, so the same
-work in 8-bit integers takes about half the instructions, and a pass over a few rows reads
-the weights' 4-bit codes (a quarter of float32's bytes... an eighth).
+and a Pika prefill of ~50 rows is compute-bound on them: an AVX2 core does 16 float
+multiply-adds per cycle. vpmaddubsw does 32 byte multiplies per instruction, so the same work
+in 8-bit integers takes about half the instructions (vpdpbusd, where the CPU has VNNI, fewer
+still), and a pass over a few rows reads the weights' 4-bit codes, an eighth of float32's
+bytes.
 
 What it computes, exactly: the weights are the GGUF's own (Q4_0, Q4_1, Q4_K: per group of
 32 along K, w = scale * q + minimum, q in 0..15). Each row of x is quantized per group of 32
@@ -31,6 +32,20 @@ Layouts (model/q4_weights.py packs them):
 #define TILE 8
 #define MAX_ROWS_AT_ONCE 4
 #define INLINE static inline __attribute__((always_inline))
+
+/* With VNNI (AVX512-VNNI, or AVX-VNNI on client CPUs) one vpdpbusd multiplies the byte pairs
+   and adds them into int32 lanes; without it, vpmaddubsw's int16 pair sums add up in int16
+   over a group and are widened once (vpmaddwd with ones). */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define VNNI 1
+#define DOT_BYTES(acc, w, a) _mm256_dpbusd_epi32(acc, w, a)
+#elif defined(__AVXVNNI__)
+#define VNNI 1
+#define DOT_BYTES(acc, w, a) _mm256_dpbusd_avx_epi32(acc, w, a)
+#else
+#define VNNI 0
+#define DOT_BYTES(acc, w, a) _mm256_add_epi16(acc, _mm256_maddubs_epi16(w, a))
+#endif
 
 /* One row's groups of 32 to int8 codes, each group's scale, and scale * sum of codes. */
 static void quantize_row(const float *x, int64_t k, int8_t *codes, float *scale, float *sums) {
@@ -89,13 +104,13 @@ INLINE void tile_rows(int rows, const uint8_t *codes, const float *scales, const
             __m256i w1 = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
             for (int r = 0; r < rows; r++) {
                 const int8_t *ar = a + r * k + g * GROUP + t * 8;
-                dot[r] = _mm256_add_epi16(dot[r], _mm256_maddubs_epi16(w0, broadcast4(ar)));
-                dot[r] = _mm256_add_epi16(dot[r], _mm256_maddubs_epi16(w1, broadcast4(ar + 4)));
+                dot[r] = DOT_BYTES(dot[r], w0, broadcast4(ar));
+                dot[r] = DOT_BYTES(dot[r], w1, broadcast4(ar + 4));
             }
         }
         __m256 sc = _mm256_loadu_ps(scales + g * TILE), mn = _mm256_loadu_ps(mins + g * TILE);
         for (int r = 0; r < rows; r++) {
-            __m256 exact = _mm256_cvtepi32_ps(_mm256_madd_epi16(dot[r], ones));
+            __m256 exact = _mm256_cvtepi32_ps(VNNI ? dot[r] : _mm256_madd_epi16(dot[r], ones));
             acc[r] = _mm256_fmadd_ps(exact, _mm256_mul_ps(sc, _mm256_set1_ps(d[r * groups + g])), acc[r]);
             acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(sums[r * groups + g]), acc[r]);
         }
@@ -137,3 +152,5 @@ void q4_matmul(const float *x, int64_t x_stride, const uint8_t *codes, const flo
     free(a);
     free(d);
 }
+
+int64_t uses_vnni(void) { return VNNI; }

@@ -4,7 +4,8 @@ On a CPU without native bfloat16 the model runs float32 matmuls, compute-bound a
 rows of a Pika prefill and memory-bound on 540 MB of float32 weights at a few rows. The C
 kernel multiplies the GGUF's own 4-bit codes by activations quantized to int8 per group of 32
 (llama.cpp's arithmetic): 1.4-2x float32's speed from 6 to 1024 rows and 2.5-3.8x at 1-2 rows
-on SmolLM2's shapes, capped to AVX2 on the project's CPU (docs/performance.md).
+on SmolLM2's shapes, capped to AVX2 on the project's CPU; with VNNI ~1.3x more
+(docs/performance.md).
 
 It is x86 code (AVX2 + FMA intrinsics), compiled on first use like cpu_kernels.c and for the
 same instruction sets; elsewhere `load("auto")` returns None and the model keeps float32.
@@ -39,6 +40,9 @@ class Q4Matmul:
         self.path = path
         self._fn = library.q4_matmul
         self._fn.argtypes, self._fn.restype = [_P, _I, _P, _P, _P, _P, _I, _I, _I, _I, _I], None
+        library.uses_vnni.restype = ctypes.c_int64
+        # built for a CPU with VNNI (vpdpbusd) rather than AVX2's vpmaddubsw alone
+        self.vnni = bool(library.uses_vnni())
 
     def __call__(
         self,

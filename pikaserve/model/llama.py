@@ -318,7 +318,14 @@ class LlamaForCausalLM(nn.Module):
 
     def q4_int8_layers(self) -> int:
         """How many linear layers run on the Q4 x int8 kernel."""
-        return sum(1 for m in self.modules() if isinstance(m, Linear) and m.q4_int8 is not None)
+        return len(self._q4_int8_weights())
+
+    def q4_int8_vnni(self) -> bool:
+        """Whether the Q4 x int8 kernel the layers run was built with VNNI."""
+        return any(w.kernel.vnni for w in self._q4_int8_weights())
+
+    def _q4_int8_weights(self) -> list[Q4Int8Weight]:
+        return [m.q4_int8 for m in self.modules() if isinstance(m, Linear) and m.q4_int8]
 
     def int4_rows(self) -> int:
         """The most rows a step may have for the layers to use their 4-bit weights (0: none)."""

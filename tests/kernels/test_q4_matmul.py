@@ -3,11 +3,16 @@ shapes and row counts the model gives it, and its build and refusal."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from pikaserve.config import ConfigError
 from pikaserve.kernels import q4_matmul
+from pikaserve.machine import AVX2_KERNEL_CAPS, cpu_flags
 from pikaserve.model.int4_weights import Int4Groups
 from pikaserve.model.q4_int8_weights import Q4Int8Weight
 
@@ -100,3 +105,22 @@ def test_without_a_compiler_auto_falls_back_and_on_refuses(tmp_path, monkeypatch
     assert q4_matmul.load("auto") is None
     with pytest.raises(ConfigError, match="could not build"):
         q4_matmul.load("on")
+
+
+def test_vnni_only_where_the_build_may_use_it(kernel):
+    capped = torch.backends.cpu.get_cpu_capability() == "AVX2"
+    has_vnni = bool({"avx512_vnni", "avx_vnni"} & set(cpu_flags()))
+    assert kernel.vnni == (has_vnni and not capped)
+
+
+def test_the_avx2_build_too(kernel):
+    """On a CPU with VNNI the tests above ran its vpdpbusd path; here they run again capped to
+    AVX2, as an AVX2 CPU builds the kernel (vpmaddubsw, int16 sums)."""
+    if not kernel.vnni:
+        pytest.skip("the tests above ran the AVX2 build")
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "not avx2_build"],
+        env={**os.environ, **AVX2_KERNEL_CAPS}, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout
