@@ -23,6 +23,13 @@ with that venv's llama-cpp-python built by CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_
 -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF
 -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AVX_VNNI=OFF"
 pip install --no-cache-dir "llama-cpp-python[server]".
+
+The AVX512-without-BF16 class (e.g. Intel Cascade Lake and Ice Lake: AVX512 and VNNI, no
+native bfloat16): cap oneDNN below its bfloat16 ISAs, so dtype auto chooses float32, and keep
+llama.cpp's native build (its Q4 kernels use AVX512 and VNNI, not bfloat16):
+
+    ATEN_CPU_CAPABILITY=avx512 ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI \
+        python benchmarks/pika_vs_llamacpp.py --out benchmarks/results/pika_vs_llamacpp_avx512_vnni
 """
 
 from __future__ import annotations

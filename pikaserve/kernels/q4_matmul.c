@@ -16,7 +16,7 @@ with a[i,k] = round(x[i,k] / d[i,g]) in -127..127. The codes are unsigned and sm
 vpmaddubsw's int16 pair sums (at most 2 * 15 * 127) add up over a whole group without
 saturating (8 of them: 30480 < 32767): exact integer dot products, one conversion per group.
 
-Layouts (model/q4_weights.py packs them):
+Layouts (model/q4_int8_weights.py packs them):
   codes   [N / 8][K / 8][32] bytes: tile of 8 output channels, step of 8 along K; byte
           4 * c + j holds channel c's code at k = 8t + j in its low nibble, 8t + 4 + j high
   scales  [N / 8][K / 32][8] float, minimums the same
@@ -118,6 +118,18 @@ INLINE void tile_rows(int rows, const uint8_t *codes, const float *scales, const
     for (int r = 0; r < rows; r++) _mm256_storeu_ps(out + r * out_stride, acc[r]);
 }
 
+/* tile_rows() for 1 to 4 rows, each count compiled with it as a constant. */
+INLINE void tile_block(int64_t rows, const uint8_t *codes, const float *scales,
+                       const float *mins, const int8_t *a, int64_t k, const float *d,
+                       const float *sums, float *out, int64_t out_stride) {
+    switch (rows) {
+    case 4: tile_rows(4, codes, scales, mins, a, k, d, sums, out, out_stride); break;
+    case 3: tile_rows(3, codes, scales, mins, a, k, d, sums, out, out_stride); break;
+    case 2: tile_rows(2, codes, scales, mins, a, k, d, sums, out, out_stride); break;
+    default: tile_rows(1, codes, scales, mins, a, k, d, sums, out, out_stride); break;
+    }
+}
+
 /* y = x W^T for x [m, k] (row stride x_stride), W given as above, y [m, n] (row stride
    out_stride). k a multiple of 32, n of 8. Runs on `threads` OpenMP threads. */
 void q4_matmul(const float *x, int64_t x_stride, const uint8_t *codes, const float *scales,
@@ -138,15 +150,10 @@ void q4_matmul(const float *x, int64_t x_stride, const uint8_t *codes, const flo
             const uint8_t *c = codes + tile * (k / 8) * 32;
             const float *sc = scales + tile * groups * TILE, *mn = mins + tile * groups * TILE;
             float *o = out + tile * TILE;
-            int64_t i = 0;
-            for (; i + 4 <= m; i += 4)
-                tile_rows(4, c, sc, mn, a + i * k, k, d + i * groups, sums + i * groups,
-                          o + i * out_stride, out_stride);
-            switch (m - i) {
-            case 3: tile_rows(3, c, sc, mn, a + i * k, k, d + i * groups, sums + i * groups, o + i * out_stride, out_stride); break;
-            case 2: tile_rows(2, c, sc, mn, a + i * k, k, d + i * groups, sums + i * groups, o + i * out_stride, out_stride); break;
-            case 1: tile_rows(1, c, sc, mn, a + i * k, k, d + i * groups, sums + i * groups, o + i * out_stride, out_stride); break;
-            }
+            for (int64_t i = 0; i < m; i += MAX_ROWS_AT_ONCE)
+                tile_block(m - i < MAX_ROWS_AT_ONCE ? m - i : MAX_ROWS_AT_ONCE, c, sc, mn,
+                           a + i * k, k, d + i * groups, sums + i * groups, o + i * out_stride,
+                           out_stride);
         }
     }
     free(a);

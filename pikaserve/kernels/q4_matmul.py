@@ -56,6 +56,8 @@ class Q4Matmul:
         rows, k = x.shape
         n = codes.shape[0] * TILE
         out = torch.empty((rows, n), dtype=torch.float32)
+        if rows == 0:
+            return out
         self._fn(x.data_ptr(), x.stride(0), codes.data_ptr(), scales.data_ptr(),
                  minimums.data_ptr(), out.data_ptr(), n, rows, n, k, torch.get_num_threads())
         return out

@@ -13,10 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pikaserve.attention.backend import AttentionBackend, FusedKernels
-from pikaserve.model import onednn_weights
-from pikaserve.model.checkpoint import ModelLoadError
 from pikaserve.kernels.q4_matmul import Q4Matmul
-from pikaserve.model import q4_int8_weights
+from pikaserve.model import onednn_weights, q4_int8_weights
+from pikaserve.model.checkpoint import ModelLoadError
 from pikaserve.model.int4_weights import Int4Groups, PackedInt4
 from pikaserve.model.int4_weights import can_pack as int4_can_pack
 from pikaserve.model.int8_weights import Int8Weight

@@ -134,7 +134,8 @@ def load_model(
     int8_max_rows > 0 (CPU + float32): passes of at most that many rows use int8 copies of
     the other weights."""
     use_int4 = int4_max_rows > 0 and device.type == "cpu" and dtype == torch.bfloat16
-    q4_kernel = q4_matmul.load(q4_int8)
+    # only a GGUF has 4-bit codes to multiply ("on" then fails below, with the reason)
+    q4_kernel = q4_matmul.load(q4_int8) if path.suffix == ".gguf" or q4_int8 == "on" else None
     checkpoint, tokenizer = load_checkpoint(path, dtype,
                                             keep_int4=use_int4 or q4_kernel is not None)
     config = ModelConfig.from_hf(checkpoint.config)
