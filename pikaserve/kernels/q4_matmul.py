@@ -29,6 +29,11 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("q4_matmul.c")
 GROUP = 32  # values per scale along K (the GGUF's group)
 TILE = 8  # output channels per packed tile
+# Without VNNI the kernel beats oneDNN's AVX2 float32 at every row count, but oneDNN's AVX512
+# float32 only on few rows (AVX512 CPUs without VNNI, e.g. Skylake-SP). Measured here, the
+# AVX2 build against AVX512 float32 on SmolLM2's shapes: 2.3-3.8x at 2 rows, 1.0-1.4x at 8,
+# 0.8-1.0x at 16, 0.7-0.9x at 32.
+NO_VNNI_AVX512_MAX_ROWS = 8
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
@@ -43,6 +48,13 @@ class Q4Matmul:
         library.uses_vnni.restype = ctypes.c_int64
         # built for a CPU with VNNI (vpdpbusd) rather than AVX2's vpmaddubsw alone
         self.vnni = bool(library.uses_vnni())
+
+    def max_rows(self) -> int | None:
+        """The most rows a pass may have for this kernel to beat oneDNN's float32 here: all
+        (None) with VNNI or on an AVX2 CPU, a few on AVX512 without VNNI."""
+        if self.vnni or torch.backends.cpu.get_cpu_capability() != "AVX512":
+            return None
+        return NO_VNNI_AVX512_MAX_ROWS
 
     def __call__(
         self,

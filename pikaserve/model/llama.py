@@ -43,16 +43,20 @@ class Linear(nn.Module):
         self.int8: Int8Weight | None = None
         self.int8_max_rows = 0
         self.q4_int8: Q4Int8Weight | None = None
+        self.q4_int8_max_rows: int | None = None  # None: every pass
         self.reordered: torch.Tensor | None = None
 
     def use_int4(self, groups: Int4Groups, max_rows: int) -> None:
         """Multiply inputs of at most `max_rows` rows by 4-bit weights (model/int4_weights.py)."""
         self.int4, self.int4_max_rows = PackedInt4(groups), max_rows
 
-    def use_q4_int8(self, groups: Int4Groups, kernel: Q4Matmul) -> None:
-        """Multiply every (float32) input by the 4-bit codes with int8 activations
-        (model/q4_int8_weights.py). The float weight is released: nothing else reads it."""
-        self.q4_int8, self.weight = Q4Int8Weight(groups, kernel), None
+    def use_q4_int8(self, groups: Int4Groups, kernel: Q4Matmul, max_rows: int | None) -> None:
+        """Multiply (float32) inputs of at most `max_rows` rows (None: all) by the 4-bit codes
+        with int8 activations (model/q4_int8_weights.py). Serving all, the layer releases its
+        float weight: nothing else reads it."""
+        self.q4_int8, self.q4_int8_max_rows = Q4Int8Weight(groups, kernel), max_rows
+        if max_rows is None:
+            self.weight = None
 
     def use_int8(self, max_rows: int) -> None:
         """Multiply float32 inputs of at most `max_rows` rows by an int8 copy of the weight
@@ -67,7 +71,8 @@ class Linear(nn.Module):
             self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.q4_int8 is not None:
+        if self.q4_int8 is not None and (
+                self.q4_int8_max_rows is None or x.shape[0] <= self.q4_int8_max_rows):
             y = self.q4_int8.matmul(x)
             return y if self.bias is None else y + self.bias
         if self.int4 is not None and x.shape[0] <= self.int4_max_rows:
@@ -308,23 +313,30 @@ class LlamaForCausalLM(nn.Module):
 
     def use_q4_int8(self, int4: dict[str, Int4Groups], kernel: Q4Matmul) -> None:
         """float32 on a CPU: every decoder linear layer whose weights are all in `int4` runs
-        on the integer Q4 x int8 kernel (model/q4_int8_weights.py). After load_hf_tensors
-        (the float weights are released). The LM head stays float: grammar-held steps take
-        rows of it."""
+        on the integer Q4 x int8 kernel (model/q4_int8_weights.py), for as many rows as it
+        is faster here. After load_hf_tensors (it may release the float weights). The LM head
+        stays float: grammar-held steps take rows of it."""
         for linear, groups in self._int4_layers(int4):
             if q4_int8_weights.can_pack(linear.shape):
-                linear.use_q4_int8(groups, kernel)
+                linear.use_q4_int8(groups, kernel, kernel.max_rows())
 
     def q4_int8_layers(self) -> int:
         """How many linear layers run on the Q4 x int8 kernel."""
-        return len(self._q4_int8_weights())
+        return len(self._q4_int8_linears())
 
     def q4_int8_vnni(self) -> bool:
         """Whether the Q4 x int8 kernel the layers run was built with VNNI."""
-        return any(w.kernel.vnni for w in self._q4_int8_weights())
+        return any(m.q4_int8.kernel.vnni for m in self._q4_int8_linears() if m.q4_int8)
 
-    def _q4_int8_weights(self) -> list[Q4Int8Weight]:
-        return [m.q4_int8 for m in self.modules() if isinstance(m, Linear) and m.q4_int8]
+    def q4_int8_rows(self) -> int | None:
+        """The most rows a step may have for the layers to run on the Q4 x int8 kernel
+        (None: every step; meaningful where q4_int8_layers() > 0)."""
+        limits = [m.q4_int8_max_rows for m in self._q4_int8_linears()]
+        rows = [r for r in limits if r is not None]
+        return None if len(rows) < len(limits) else max(rows, default=0)
+
+    def _q4_int8_linears(self) -> list[Linear]:
+        return [m for m in self.modules() if isinstance(m, Linear) and m.q4_int8 is not None]
 
     def int4_rows(self) -> int:
         """The most rows a step may have for the layers to use their 4-bit weights (0: none)."""
@@ -337,7 +349,7 @@ class LlamaForCausalLM(nn.Module):
         which may drop the plain weights."""
         for layer in self.decoder_layers:
             for linear in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
-                if linear.q4_int8 is None:
+                if linear.q4_int8 is None:  # else faster than int8 on every row count int8 takes
                     linear.use_int8(max_rows)
         self.lm_head.use_int8(max_rows)
 
@@ -350,7 +362,7 @@ class LlamaForCausalLM(nn.Module):
         its plain weight: it may be the embedding table, and grammar-held steps take rows of it."""
         for layer in self.decoder_layers:
             for linear in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
-                if linear.q4_int8 is None:
+                if linear.weight is not None:  # None: on the Q4 x int8 kernel for every pass
                     linear.reorder_for_onednn(keep_plain=False)
         self.lm_head.reorder_for_onednn(keep_plain=True)
 

@@ -124,3 +124,14 @@ def test_the_avx2_build_too(kernel):
         env={**os.environ, **AVX2_KERNEL_CAPS}, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:]
     assert " passed" in run.stdout and "skipped" not in run.stdout
+
+
+@pytest.mark.parametrize("capability,vnni,rows", [
+    ("AVX2", False, None), ("AVX512", True, None), ("AVX512", False, 8),
+])
+def test_rows_it_serves(kernel, monkeypatch, capability, vnni, rows):
+    """Every pass, except on AVX512 without VNNI, where oneDNN's AVX512 float32 wins past a
+    few rows."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(kernel, "vnni", vnni)
+    assert kernel.max_rows() == rows

@@ -153,7 +153,7 @@ def test_q4_int8_layers_agree_with_float32(tiny_gguf, arch, qtype):
     q4 = LLM(path, dtype="float32", q4_int8_matmul="on")
     exact = LLM(path, dtype="float32")
     model = q4.engine.runner.model
-    assert model.q4_int8_layers() == 4 * len(model.layers)
+    assert model.q4_int8_layers() == 4 * len(model.layers) and model.q4_int8_rows() is None
     assert all(layer.qkv_proj.weight is None and layer.qkv_proj.reordered is None
                for layer in model.layers)
     assert model.lm_head.q4_int8 is None
@@ -161,6 +161,23 @@ def test_q4_int8_layers_agree_with_float32(tiny_gguf, arch, qtype):
     for prompt in ([3], [1, 7, 3, 8, 2, 6, 4, 9, 5, 2, 11, 13]):
         assert_close_at_scale(prefill_logits(q4, prompt, every_row=True),
                               prefill_logits(exact, prompt, every_row=True), fraction=0.03)
+
+
+@needs_q4_kernel
+def test_q4_int8_for_few_rows_where_it_pays_only(tiny_gguf, monkeypatch):
+    """Where the kernel serves passes of a few rows only (AVX512 without VNNI), the layers
+    keep their float weights for bigger passes, which stay exact float32."""
+    monkeypatch.setattr(q4_matmul.Q4Matmul, "max_rows", lambda self: 2)
+    path = str(tiny_gguf("llama", Q.Q4_1).path)
+    q4 = LLM(path, dtype="float32", q4_int8_matmul="on")
+    exact = LLM(path, dtype="float32")
+    model = q4.engine.runner.model
+    assert model.q4_int8_layers() == 4 * len(model.layers) and model.q4_int8_rows() == 2
+    assert_close_at_scale(prefill_logits(q4, [1, 5]), prefill_logits(exact, [1, 5]),
+                          fraction=0.03)
+    prompt = [1, 7, 3, 8, 2, 6]
+    assert torch.equal(prefill_logits(q4, prompt, every_row=True),
+                       prefill_logits(exact, prompt, every_row=True))
 
 
 def test_q4_int8_refused_where_it_cannot_run(tiny_gguf):
