@@ -151,13 +151,23 @@ def load(mode: str = "auto") -> CpuKernels | None:
     be built here (logged); "native": a ConfigError then."""
     if mode == "torch":
         return None
+    built = open_library(SOURCE, "cpu_kernels 'native'" if mode == "native" else None,
+                         "running plain PyTorch ops")
+    return None if built is None else CpuKernels(*built)
+
+
+def open_library(source_path: Path, required_by: str | None,
+                 fallback: str) -> tuple[ctypes.CDLL, Path] | None:
+    """The built library of a C file of this folder and its path. Where it does not build:
+    a ConfigError naming `required_by` (the setting that demands it), else None, logged with
+    what runs instead (`fallback`)."""
     try:
-        path = build()
-        return CpuKernels(ctypes.CDLL(str(path)), path)
+        path = build(source_path)
+        return ctypes.CDLL(str(path)), path
     except (OSError, subprocess.SubprocessError) as e:
-        if mode == "native":
-            raise ConfigError(f"cpu_kernels 'native': could not build {SOURCE.name}: {e}") from e
-        logger.warning("CPU kernels not built (%s); running plain PyTorch ops", e)
+        if required_by:
+            raise ConfigError(f"{required_by}: could not build {source_path.name}: {e}") from e
+        logger.warning("%s not built (%s); %s", source_path.name, e, fallback)
         return None
 
 

@@ -14,17 +14,13 @@ same instruction sets; elsewhere `load("auto")` returns None and the model keeps
 from __future__ import annotations
 
 import ctypes
-import logging
 import platform
-import subprocess
 from pathlib import Path
 
 import torch
 
 from pikaserve.config import ConfigError
 from pikaserve.kernels import cpu_native
-
-logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("q4_matmul.c")
 GROUP = 32  # values per scale along K (the GGUF's group)
@@ -91,11 +87,6 @@ def load(mode: str) -> Q4Matmul | None:
             raise ConfigError("q4_int8_matmul 'on' needs an x86 CPU with AVX2 (this one runs "
                               f"{platform.machine()} / {torch.backends.cpu.get_cpu_capability()})")
         return None
-    try:
-        path = cpu_native.build(SOURCE)
-        return Q4Matmul(ctypes.CDLL(str(path)), path)
-    except (OSError, subprocess.SubprocessError) as e:
-        if mode == "on":
-            raise ConfigError(f"q4_int8_matmul 'on': could not build {SOURCE.name}: {e}") from e
-        logger.warning("the Q4 x int8 kernel did not build (%s); float32 matmuls instead", e)
-        return None
+    built = cpu_native.open_library(SOURCE, "q4_int8_matmul 'on'" if mode == "on" else None,
+                                    "float32 matmuls instead")
+    return None if built is None else Q4Matmul(*built)
