@@ -59,7 +59,7 @@ class Linear(nn.Module):
             self.weight = None
 
     def use_int8(self, max_rows: int) -> None:
-        """Multiply float32 inputs of at most `max_rows` rows by an int8 copy of the weight
+        """Multiply inputs of at most `max_rows` rows by an int8 copy of the weight
         (model/int8_weights.py)."""
         self.int8, self.int8_max_rows = Int8Weight(self.plain_weight), max_rows
 
@@ -344,12 +344,13 @@ class LlamaForCausalLM(nn.Module):
                     if isinstance(m, Linear) and m.int4 is not None), default=0)
 
     def use_int8(self, max_rows: int) -> None:
-        """CPU + float32: every matmul, LM head included, gets an int8 copy of its weight for
-        passes of at most `max_rows` rows (model/int8_weights.py). Before reorder_for_onednn,
-        which may drop the plain weights."""
+        """CPU: every matmul without a 4-bit path (int4 or Q4 x int8, faster on the rows int8
+        takes), the LM head included, gets an int8 copy of its weight for passes of at most
+        `max_rows` rows (model/int8_weights.py). Before reorder_for_onednn, which may drop the
+        plain weights."""
         for layer in self.decoder_layers:
             for linear in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
-                if linear.q4_int8 is None:  # else faster than int8 on every row count int8 takes
+                if linear.q4_int8 is None and linear.int4 is None:
                     linear.use_int8(max_rows)
         self.lm_head.use_int8(max_rows)
 

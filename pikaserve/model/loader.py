@@ -131,8 +131,8 @@ def load_model(
     weights; only torch's CPU kernel for bfloat16 exists (its float32 path is ~10x slower).
     q4_int8 "auto"/"on" (CPU + float32, engine/device.resolve_q4_int8): the Q4 layers run
     on the integer Q4 x int8 kernel instead, where it builds ("on": or fail).
-    int8_max_rows > 0 (CPU + float32): passes of at most that many rows use int8 copies of
-    the other weights."""
+    int8_max_rows > 0 (CPU): passes of at most that many rows use int8 copies of the weights
+    without a 4-bit path (the LM head; every layer of other models)."""
     use_int4 = int4_max_rows > 0 and device.type == "cpu" and dtype == torch.bfloat16
     # only a GGUF has 4-bit codes to multiply ("on" then fails below, with the reason)
     q4_kernel = q4_matmul.load(q4_int8) if path.suffix == ".gguf" or q4_int8 == "on" else None
@@ -151,7 +151,7 @@ def load_model(
         if q4_int8 == "on" and not model.q4_int8_layers():
             raise ConfigError("q4_int8_matmul 'on' needs a GGUF model with Q4_0, Q4_1 or "
                               f"Q4_K matrices; {path.name} has none")
-    if int8_max_rows > 0 and device.type == "cpu" and dtype == torch.float32:
+    if int8_max_rows > 0 and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
         model.use_int8(int8_max_rows)
     if device.type == "cpu":
         model.reorder_for_onednn()

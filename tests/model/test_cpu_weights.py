@@ -190,3 +190,20 @@ def test_q4_int8_refused_where_it_cannot_run(tiny_gguf):
     if q4_matmul.available():
         with pytest.raises(ConfigError, match="Q4_0, Q4_1 or Q4_K"):
             LLM(str(tiny_gguf("llama", Q.Q8_0).path), dtype="float32", q4_int8_matmul="on")
+
+
+def test_int8_head_beside_the_bfloat16_4_bit_layers(tiny_gguf, tiny_model_dir):
+    """bfloat16: the layers keep their 4-bit path and only the LM head gets an int8 copy; a
+    model without 4-bit weights gets int8 layers whose outputs stay bfloat16."""
+    gguf = LLM(str(tiny_gguf("llama", Q.Q4_1).path), dtype="bfloat16", int8_max_rows=2)
+    model = gguf.engine.runner.model
+    assert model.lm_head.int8 is not None and model.int8_rows() == 2
+    assert all(layer.qkv_proj.int8 is None and layer.qkv_proj.int4 for layer in model.layers)
+    path = str(tiny_model_dir("llama"))
+    int8 = LLM(path, dtype="bfloat16", int8_max_rows=2)
+    plain = LLM(path, dtype="bfloat16")
+    assert all(layer.down_proj.int8 is not None for layer in int8.engine.runner.model.layers)
+    for prompt in ([1, 5], [7]):
+        got = prefill_logits(int8, prompt)
+        assert got.dtype == torch.float32
+        assert_close_at_scale(got, prefill_logits(plain, prompt), fraction=0.03)
