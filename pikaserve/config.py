@@ -72,8 +72,8 @@ class EngineConfig:
     int4_max_rows: int = 12
     # CPU: passes of at most this many rows multiply by int8 copies of the weights without a
     # 4-bit path (the LM head; every layer of other models) with bfloat16 activations
-    # (model/int8_weights.py; ~1% off float32, like bfloat16). None: 2 where dtype was
-    # "auto", else 0 (an explicit dtype stays as asked). 0: never.
+    # (model/int8_weights.py; ~1% off float32, like bfloat16). None: 2 when dtype "auto" chose
+    # float32 (CPUs without native bf16), else 0 (an explicit float32 stays exact). 0: never.
     int8_max_rows: int | None = None
     # CPU + float32 + a Q4_0/Q4_1/Q4_K GGUF, x86 with AVX2: every pass multiplies the GGUF's
     # 4-bit codes by activations quantized to int8 per group of 32 (llama.cpp's arithmetic;

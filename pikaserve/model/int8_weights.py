@@ -10,9 +10,10 @@ against 2.3 ms; from three rows on float32 is as fast or faster (docs/performanc
 model keeps both copies and picks by row count. Results are ~1% off float32 (bfloat16
 activations, per-channel int8), like a bfloat16 model's.
 
-A bfloat16 model's layers have a 4-bit path instead, but its LM head (SmolLM2's is the Q8_0
-embedding table, 57 MB in bfloat16) gets an int8 copy too: at one row 0.74 against 1.06 ms,
-and batch-1 decoding 1.10x faster in the engine (docs/performance.md).
+A bfloat16 model's layers have a 4-bit path instead; asked for (`int8_max_rows`), its LM head
+gets an int8 copy: at one row 0.74 against 1.06 ms, batch-1 decoding 1.10x faster. Not by
+default: which arithmetic a row gets then depends on its step's row count, and greedy outputs
+with speculation differed from those without (docs/performance.md).
 """
 
 from __future__ import annotations
