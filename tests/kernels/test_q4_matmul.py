@@ -76,6 +76,17 @@ def test_strided_rows_zero_groups_and_outliers(kernel):
     torch.testing.assert_close(got.double(), reference(x.contiguous(), groups), rtol=1e-5, atol=1e-3)
 
 
+def test_a_row_gets_the_same_bits_alone_and_in_any_batch(kernel):
+    """Each row is quantized and summed on its own, in the same order whatever the row count:
+    batching and speculation (steps of more rows) leave a row's result as it is alone."""
+    weight = Q4Int8Weight(random_groups(64, 192, seed=5), kernel)
+    x = torch.randn(11, 192, generator=torch.Generator().manual_seed(6))
+    together = weight.matmul(x)
+    for i in range(11):
+        assert torch.equal(weight.matmul(x[i:i + 1]), together[i:i + 1])
+    assert torch.equal(weight.matmul(x[3:9]), together[3:9])
+
+
 def test_one_thread_and_several_give_the_same_bits(kernel):
     groups = random_groups(96, 256, seed=3)
     x = torch.randn(13, 256, generator=torch.Generator().manual_seed(4))
