@@ -177,13 +177,20 @@ def test_build_is_cached_per_source_and_machine(tmp_path, monkeypatch):
 
 
 def test_without_a_compiler_auto_falls_back_and_native_refuses(tmp_path, monkeypatch):
+    """Both C files (this one's and the Q4 x int8 kernel's) build through open_library."""
+    from pikaserve.kernels import q4_matmul
+
     monkeypatch.setenv("PIKASERVE_CACHE_DIR", str(tmp_path))  # nothing cached
     monkeypatch.setenv("CC", "no-such-compiler")
     assert cpu_native.load("auto") is None
-    with pytest.raises(ConfigError, match="could not build"):
+    with pytest.raises(ConfigError, match="cpu_kernels 'native': could not build"):
         cpu_native.load("native")
     backend = select_backend("auto", CPU, torch.float32, torch.float32, 9, 3, 64, "auto")
     assert backend.fused_kernels is None  # plain PyTorch, still serving
+    if q4_matmul.available():
+        assert q4_matmul.load("auto") is None
+        with pytest.raises(ConfigError, match="q4_int8_matmul 'on': could not build"):
+            q4_matmul.load("on")
 
 
 def test_backend_choice(kernels):
