@@ -50,7 +50,7 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def describe_cpu(dtype: torch.dtype, int4_rows: int, int8_rows: int, q4_int8_layers: int,
-                 q4_vnni: bool, q4_rows: int | None, native: bool) -> str:
+                 q8_head: bool, q4_vnni: bool, q4_rows: int | None, native: bool) -> str:
     """One line for the start-up log: what the CPU has and which kernels the engine chose."""
     isas = kernel_isas()
     matmul = "bfloat16, native" if dtype == torch.bfloat16 and cpu_has_fast_bf16() else str(dtype).removeprefix("torch.")
@@ -58,8 +58,9 @@ def describe_cpu(dtype: torch.dtype, int4_rows: int, int8_rows: int, q4_int8_lay
     if int4_rows:
         small = f"; Q4 GGUF weights used as 4-bit for steps of <= {int4_rows} rows"
     if q4_int8_layers:
-        small = (f"; {q4_int8_layers} of them instead on the Q4 GGUF codes x int8 activations "
-                 f"(integer kernel, {'VNNI' if q4_vnni else 'AVX2'}), "
+        head = " and the LM head's on int8 codes" if q8_head else ""
+        small = (f"; {q4_int8_layers} of them instead on the Q4 GGUF codes{head} x int8 "
+                 f"activations (integer kernels, {'VNNI' if q4_vnni else 'AVX2'}), "
                  f"{'every step' if q4_rows is None else f'steps of <= {q4_rows} rows'}")
     if int8_rows:
         which = "the other weights" if q4_int8_layers or int4_rows else "the weights"

@@ -160,4 +160,82 @@ void q4_matmul(const float *x, int64_t x_stride, const uint8_t *codes, const flo
     free(d);
 }
 
+/* The 8-bit sibling, for weights with signed int8 codes (-127..127) and a scale per group of
+   32 (an LM head, requantized as Q8_0): y[i, j] = sum over g of d[i,g] * scale[j,g] *
+   sum_k q[j,k] * a[i,k]. Both operands are signed here, so each product goes through the
+   sign trick (|a| times q with a's sign), whose pair sums (at most 2 * 127 * 127) fit int16
+   but not two of them: every step widens to int32. Each row is summed alone, in the same order
+   at any row count, like q4_matmul.
+   Layouts: codes [N / 8][K / 4][32] int8, byte 4 * c + j = channel c's code at k = 4t + j;
+   scales [N / 8][K / 32][8] float. */
+INLINE __m256i dot_signed(__m256i acc, __m256i w, __m256i a, __m256i ones) {
+    __m256i magnitude = _mm256_sign_epi8(a, a), signed_w = _mm256_sign_epi8(w, a);
+#if VNNI
+    (void)ones;
+    return DOT_BYTES(acc, magnitude, signed_w);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, signed_w), ones));
+#endif
+}
+
+INLINE void q8_tile_rows(int rows, const int8_t *codes, const float *scales, const int8_t *a,
+                         int64_t k, const float *d, float *out, int64_t out_stride) {
+    const int64_t groups = k / GROUP;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[MAX_ROWS_AT_ONCE];
+    for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        __m256i dot[MAX_ROWS_AT_ONCE];
+        for (int r = 0; r < rows; r++) dot[r] = _mm256_setzero_si256();
+        for (int t = 0; t < GROUP / 4; t++) {
+            __m256i w = _mm256_loadu_si256((const __m256i *)(codes + (g * 8 + t) * 32));
+            for (int r = 0; r < rows; r++)
+                dot[r] = dot_signed(dot[r], w, broadcast4(a + r * k + g * GROUP + t * 4), ones);
+        }
+        __m256 sc = _mm256_loadu_ps(scales + g * TILE);
+        for (int r = 0; r < rows; r++)
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]),
+                                     _mm256_mul_ps(sc, _mm256_set1_ps(d[r * groups + g])), acc[r]);
+    }
+    for (int r = 0; r < rows; r++) _mm256_storeu_ps(out + r * out_stride, acc[r]);
+}
+
+INLINE void q8_tile_block(int64_t rows, const int8_t *codes, const float *scales,
+                          const int8_t *a, int64_t k, const float *d, float *out,
+                          int64_t out_stride) {
+    switch (rows) {
+    case 4: q8_tile_rows(4, codes, scales, a, k, d, out, out_stride); break;
+    case 3: q8_tile_rows(3, codes, scales, a, k, d, out, out_stride); break;
+    case 2: q8_tile_rows(2, codes, scales, a, k, d, out, out_stride); break;
+    default: q8_tile_rows(1, codes, scales, a, k, d, out, out_stride); break;
+    }
+}
+
+void q8_matmul(const float *x, int64_t x_stride, const int8_t *codes, const float *scales,
+               float *out, int64_t out_stride, int64_t m, int64_t n, int64_t k,
+               int64_t threads) {
+    const int64_t groups = k / GROUP;
+    int8_t *a = aligned_alloc(64, (size_t)((m * k + 63) / 64 * 64));
+    float *d = malloc(sizeof(float) * (size_t)(m * groups) * 2);
+    if (!a || !d) abort();
+    float *sums = d + m * groups; /* unused here: no minimums */
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < m; i++)
+            quantize_row(x + i * x_stride, k, a + i * k, d + i * groups, sums + i * groups);
+#pragma omp for schedule(static)
+        for (int64_t tile = 0; tile < n / TILE; tile++) {
+            const int8_t *c = codes + tile * (k / 4) * 32;
+            const float *sc = scales + tile * groups * TILE;
+            for (int64_t i = 0; i < m; i += MAX_ROWS_AT_ONCE)
+                q8_tile_block(m - i < MAX_ROWS_AT_ONCE ? m - i : MAX_ROWS_AT_ONCE, c, sc,
+                              a + i * k, k, d + i * groups, out + tile * TILE + i * out_stride,
+                              out_stride);
+        }
+    }
+    free(a);
+    free(d);
+}
+
 int64_t uses_vnni(void) { return VNNI; }

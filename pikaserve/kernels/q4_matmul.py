@@ -41,6 +41,8 @@ class Q4Matmul:
         self.path = path
         self._fn = library.q4_matmul
         self._fn.argtypes, self._fn.restype = [_P, _I, _P, _P, _P, _P, _I, _I, _I, _I, _I], None
+        self._q8 = library.q8_matmul
+        self._q8.argtypes, self._q8.restype = [_P, _I, _P, _P, _P, _I, _I, _I, _I, _I], None
         library.uses_vnni.restype = ctypes.c_int64
         # built for a CPU with VNNI (vpdpbusd) rather than AVX2's vpmaddubsw alone
         self.vnni = bool(library.uses_vnni())
@@ -68,6 +70,25 @@ class Q4Matmul:
             return out
         self._fn(x.data_ptr(), x.stride(0), codes.data_ptr(), scales.data_ptr(),
                  minimums.data_ptr(), out.data_ptr(), n, rows, n, k, torch.get_num_threads())
+        return out
+
+
+    def q8(
+        self,
+        x: torch.Tensor,  # [M, K] float32, rows may be strided
+        codes: torch.Tensor,  # [N / 8, K / 4, 32] int8
+        scales: torch.Tensor,  # [N / 8, K / 32, 8] float32
+    ) -> torch.Tensor:  # [M, N] float32
+        """The 8-bit sibling (signed codes, a scale per group of 32; model/q8_int8_weights.py)."""
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        rows, k = x.shape
+        n = codes.shape[0] * TILE
+        out = torch.empty((rows, n), dtype=torch.float32)
+        if rows == 0:
+            return out
+        self._q8(x.data_ptr(), x.stride(0), codes.data_ptr(), scales.data_ptr(), out.data_ptr(),
+                 n, rows, n, k, torch.get_num_threads())
         return out
 
 

@@ -14,12 +14,13 @@ from torch import nn
 
 from pikaserve.attention.backend import AttentionBackend, FusedKernels
 from pikaserve.kernels.q4_matmul import Q4Matmul
-from pikaserve.model import onednn_weights, q4_int8_weights
+from pikaserve.model import onednn_weights, q4_int8_weights, q8_int8_weights
 from pikaserve.model.checkpoint import ModelLoadError
 from pikaserve.model.int4_weights import Int4Groups, PackedInt4
 from pikaserve.model.int4_weights import can_pack as int4_can_pack
 from pikaserve.model.int8_weights import Int8Weight
 from pikaserve.model.q4_int8_weights import Q4Int8Weight
+from pikaserve.model.q8_int8_weights import Q8Int8Weight
 from pikaserve.model.model_config import ModelConfig
 from pikaserve.model.rope import RotaryEmbedding, apply_rotary
 
@@ -42,8 +43,9 @@ class Linear(nn.Module):
         self.int4_max_rows = 0
         self.int8: Int8Weight | None = None
         self.int8_max_rows = 0
-        self.q4_int8: Q4Int8Weight | None = None
-        self.q4_int8_max_rows: int | None = None  # None: every pass
+        # on the integer kernels (int8 activations): Q4 codes of a layer, Q8 codes of a head
+        self.integer: Q4Int8Weight | Q8Int8Weight | None = None
+        self.integer_max_rows: int | None = None  # None: every pass
         self.reordered: torch.Tensor | None = None
 
     def use_int4(self, groups: Int4Groups, max_rows: int) -> None:
@@ -54,9 +56,16 @@ class Linear(nn.Module):
         """Multiply (float32) inputs of at most `max_rows` rows (None: all) by the 4-bit codes
         with int8 activations (model/q4_int8_weights.py). Serving all, the layer releases its
         float weight: nothing else reads it."""
-        self.q4_int8, self.q4_int8_max_rows = Q4Int8Weight(groups, kernel), max_rows
+        self.integer, self.integer_max_rows = Q4Int8Weight(groups, kernel), max_rows
         if max_rows is None:
             self.weight = None
+
+    def use_q8_int8(self, kernel: Q4Matmul, max_rows: int | None) -> None:
+        """Multiply (float32) inputs of at most `max_rows` rows (None: all) by the weight's
+        int8 codes per group of 32 with int8 activations (model/q8_int8_weights.py). The
+        float weight stays (an LM head's rows are taken for grammar-held steps)."""
+        self.integer = Q8Int8Weight(self.plain_weight, kernel)
+        self.integer_max_rows = max_rows
 
     def use_int8(self, max_rows: int) -> None:
         """Multiply inputs of at most `max_rows` rows by an int8 copy of the weight
@@ -71,9 +80,9 @@ class Linear(nn.Module):
             self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.q4_int8 is not None and (
-                self.q4_int8_max_rows is None or x.shape[0] <= self.q4_int8_max_rows):
-            y = self.q4_int8.matmul(x)
+        if self.integer is not None and (
+                self.integer_max_rows is None or x.shape[0] <= self.integer_max_rows):
+            y = self.integer.matmul(x)
             return y if self.bias is None else y + self.bias
         if self.int4 is not None and x.shape[0] <= self.int4_max_rows:
             y = self.int4.matmul(x)
@@ -320,23 +329,34 @@ class LlamaForCausalLM(nn.Module):
             if q4_int8_weights.can_pack(linear.shape):
                 linear.use_q4_int8(groups, kernel, kernel.max_rows())
 
+    def use_q8_int8_head(self, kernel: Q4Matmul) -> None:
+        """float32 on a CPU: the LM head on the Q8 x int8 kernel (model/q8_int8_weights.py),
+        for as many rows as it is faster here; it gives a row the same bits at any row count,
+        unlike torch's int8 kernel for 1-2-row steps."""
+        if q8_int8_weights.can_pack(self.lm_head.shape):
+            self.lm_head.use_q8_int8(kernel, kernel.max_rows())
+
     def q4_int8_layers(self) -> int:
         """How many linear layers run on the Q4 x int8 kernel."""
-        return len(self._q4_int8_linears())
+        return sum(isinstance(m.integer, Q4Int8Weight) for m in self._integer_linears())
+
+    def q8_int8_head(self) -> bool:
+        """Whether the LM head runs on the Q8 x int8 kernel."""
+        return isinstance(self.lm_head.integer, Q8Int8Weight)
 
     def q4_int8_vnni(self) -> bool:
-        """Whether the Q4 x int8 kernel the layers run was built with VNNI."""
-        return any(m.q4_int8.kernel.vnni for m in self._q4_int8_linears() if m.q4_int8)
+        """Whether the integer kernels were built with VNNI."""
+        return any(m.integer.kernel.vnni for m in self._integer_linears() if m.integer)
 
     def q4_int8_rows(self) -> int | None:
-        """The most rows a step may have for the layers to run on the Q4 x int8 kernel
-        (None: every step; meaningful where q4_int8_layers() > 0)."""
-        limits = [m.q4_int8_max_rows for m in self._q4_int8_linears()]
+        """The most rows a step may have for the integer kernels to serve it (None: every
+        step; meaningful where q4_int8_layers() > 0)."""
+        limits = [m.integer_max_rows for m in self._integer_linears()]
         rows = [r for r in limits if r is not None]
         return None if len(rows) < len(limits) else max(rows, default=0)
 
-    def _q4_int8_linears(self) -> list[Linear]:
-        return [m for m in self.modules() if isinstance(m, Linear) and m.q4_int8 is not None]
+    def _integer_linears(self) -> list[Linear]:
+        return [m for m in self.modules() if isinstance(m, Linear) and m.integer is not None]
 
     def int4_rows(self) -> int:
         """The most rows a step may have for the layers to use their 4-bit weights (0: none)."""
@@ -350,9 +370,10 @@ class LlamaForCausalLM(nn.Module):
         plain weights."""
         for layer in self.decoder_layers:
             for linear in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
-                if linear.q4_int8 is None and linear.int4 is None:
+                if linear.integer is None and linear.int4 is None:
                     linear.use_int8(max_rows)
-        self.lm_head.use_int8(max_rows)
+        if self.lm_head.integer is None:
+            self.lm_head.use_int8(max_rows)
 
     def int8_rows(self) -> int:
         """The most rows a step may have for the layers to use their int8 weights (0: none)."""

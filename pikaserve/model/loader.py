@@ -130,7 +130,8 @@ def load_model(
     """int4_max_rows > 0: passes of at most that many rows use a Q4 GGUF's packed 4-bit
     weights; only torch's CPU kernel for bfloat16 exists (its float32 path is ~10x slower).
     q4_int8 "auto"/"on" (CPU + float32, engine/device.resolve_q4_int8): the Q4 layers run
-    on the integer Q4 x int8 kernel instead, where it builds ("on": or fail).
+    on the integer Q4 x int8 kernel instead, and the LM head on its Q8 sibling, where it
+    builds ("on": or fail).
     int8_max_rows > 0 (CPU): passes of at most that many rows use int8 copies of the weights
     without a 4-bit path (the LM head; every layer of other models)."""
     use_int4 = int4_max_rows > 0 and device.type == "cpu" and dtype == torch.bfloat16
@@ -148,6 +149,7 @@ def load_model(
     model.load_hf_tensors(checkpoint.tensors)
     if q4_kernel is not None:
         model.use_q4_int8(checkpoint.int4, q4_kernel)
+        model.use_q8_int8_head(q4_kernel)
         if q4_int8 == "on" and not model.q4_int8_layers():
             raise ConfigError("q4_int8_matmul 'on' needs a GGUF model with Q4_0, Q4_1 or "
                               f"Q4_K matrices; {path.name} has none")

@@ -15,6 +15,7 @@ from pikaserve.kernels import q4_matmul
 from pikaserve.machine import AVX2_KERNEL_CAPS, cpu_flags
 from pikaserve.model.int4_weights import Int4Groups
 from pikaserve.model.q4_int8_weights import Q4Int8Weight
+from pikaserve.model.q8_int8_weights import Q8Int8Weight
 
 pytestmark = pytest.mark.skipif(not q4_matmul.available(), reason="x86 AVX2 kernel")
 
@@ -33,16 +34,21 @@ def random_groups(n: int, k: int, seed: int) -> Int4Groups:
     return Int4Groups(torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8), scale, minimum)
 
 
-def reference(x: torch.Tensor, groups: Int4Groups) -> torch.Tensor:
-    """What the kernel computes: x quantized to int8 per group of 32 as the kernel does it
-    (times 127 / max in float32, rounded half to even), integer dot products with the codes,
-    then the group's scales and minimums (in float64 here)."""
+def quantized_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x quantized to int8 per group of 32 as the kernels do it (times 127 / max in float32,
+    rounded half to even): codes [M, G, 32] and scales [M, G], in float64."""
     m, k = x.shape
     xg = x.float().reshape(m, k // 32, 32)
     top = xg.abs().amax(-1, keepdim=True)  # [M, G, 1]
     inverse = torch.where(top > 0, 127 / top, 0)
-    a = (xg * inverse).round().double()  # [M, G, 32]
-    d = (top / 127).squeeze(-1).double()  # [M, G]
+    return (xg * inverse).round().double(), (top / 127).squeeze(-1).double()
+
+
+def reference(x: torch.Tensor, groups: Int4Groups) -> torch.Tensor:
+    """What the Q4 kernel computes: integer dot products of the quantized rows with the
+    codes, then the group's scales and minimums (in float64 here)."""
+    k = x.shape[1]
+    a, d = quantized_rows(x)
     codes = groups.codes.double().view(-1, k // 32, 32)  # [N, G, 32]
     dots = torch.einsum("mgk,ngk->mng", a, codes)
     exact = dots * groups.scale.double()[None] + a.sum(-1)[:, None] * groups.minimum.double()[None]
@@ -76,10 +82,32 @@ def test_strided_rows_zero_groups_and_outliers(kernel):
     torch.testing.assert_close(got.double(), reference(x.contiguous(), groups), rtol=1e-5, atol=1e-3)
 
 
-def test_a_row_gets_the_same_bits_alone_and_in_any_batch(kernel):
+@pytest.mark.parametrize("n", [8, 13, 96])  # 13: a vocabulary that does not fill a tile
+@pytest.mark.parametrize("rows", [1, 3, 5, 9])
+def test_q8_kernel_on_q8_0_weights(kernel, n, rows):
+    """A Q8_0 weight (int8 codes, a scale per 32) comes back to its own codes, and the Q8
+    kernel computes their integer dot products with the quantized rows, then the scales."""
+    g = torch.Generator().manual_seed(n * 10 + rows)
+    codes = torch.randint(-127, 128, (n, 64, ), generator=g)
+    codes.view(n, 2, 32)[..., 0] = 127  # each group's largest code, as Q8_0 stores it
+    scale = torch.rand(n, 2, generator=g) * 0.01 + 1e-3
+    weight = (codes.view(n, 2, 32).float() * scale[..., None]).view(n, 64)
+    x = torch.randn(rows, 64, generator=g)
+    got = Q8Int8Weight(weight, kernel).matmul(x)
+    a, d = quantized_rows(x)
+    want = (torch.einsum("mgk,ngk->mng", a, codes.double().view(n, 2, 32))
+            * scale.double()[None] * d[:, None]).sum(-1)
+    assert got.shape == (rows, n)
+    assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.parametrize("integer", ["q4", "q8"])
+def test_a_row_gets_the_same_bits_alone_and_in_any_batch(kernel, integer):
     """Each row is quantized and summed on its own, in the same order whatever the row count:
     batching and speculation (steps of more rows) leave a row's result as it is alone."""
-    weight = Q4Int8Weight(random_groups(64, 192, seed=5), kernel)
+    groups = random_groups(64, 192, seed=5)
+    weight = (Q4Int8Weight(groups, kernel) if integer == "q4"
+              else Q8Int8Weight(groups.dequantize(), kernel))
     x = torch.randn(11, 192, generator=torch.Generator().manual_seed(6))
     together = weight.matmul(x)
     for i in range(11):
