@@ -76,8 +76,8 @@ class EngineConfig:
     # float32 (CPUs without native bf16), else 0 (an explicit float32 stays exact). 0: never.
     int8_max_rows: int | None = None
     # CPU + float32 + a Q4_0/Q4_1/Q4_K GGUF, x86 with AVX2: every pass multiplies the GGUF's
-    # 4-bit codes by activations quantized to int8 per group of 32 (llama.cpp's arithmetic;
-    # kernels/q4_matmul.c; ~0.5% off float32). auto: on when dtype auto chose float32 (CPUs
+    # 4-bit codes, and the LM head's int8 codes per group of 32, by activations quantized to
+    # int8 per group of 32 (llama.cpp's arithmetic; kernels/q4_matmul.c; ~0.5% off float32). auto: on when dtype auto chose float32 (CPUs
     # without native bf16) and the kernel builds; an explicit float32 stays exact. on:
     # required (an error where it cannot run); off: never.
     q4_int8_matmul: str = "auto"

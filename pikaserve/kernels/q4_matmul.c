@@ -16,6 +16,8 @@ with a[i,k] = round(x[i,k] / d[i,g]) in -127..127. The codes are unsigned and sm
 vpmaddubsw's int16 pair sums (at most 2 * 15 * 127) add up over a whole group without
 saturating (8 of them: 30480 < 32767): exact integer dot products, one conversion per group.
 
+q8_matmul below is its 8-bit sibling, for an LM head's int8 codes.
+
 Layouts (model/q4_int8_weights.py packs them):
   codes   [N / 8][K / 8][32] bytes: tile of 8 output channels, step of 8 along K; byte
           4 * c + j holds channel c's code at k = 8t + j in its low nibble, 8t + 4 + j high
@@ -80,6 +82,26 @@ static void quantize_row(const float *x, int64_t k, int8_t *codes, float *scale,
     }
 }
 
+/* Rows quantized by quantize_row: codes [m, k], and per group a scale and scale * code sum. */
+typedef struct {
+    int8_t *a;
+    float *d, *sums;
+} QuantizedRows;
+
+static QuantizedRows quantized_rows(int64_t m, int64_t k) {
+    QuantizedRows q;
+    q.a = aligned_alloc(64, (size_t)((m * k + 63) / 64 * 64));
+    q.d = malloc(sizeof(float) * (size_t)(m * (k / GROUP)) * 2);
+    if (!q.a || !q.d) abort();
+    q.sums = q.d + m * (k / GROUP);
+    return q;
+}
+
+static void free_rows(QuantizedRows q) {
+    free(q.a);
+    free(q.d);
+}
+
 INLINE __m256i broadcast4(const int8_t *p) {
     int32_t v;
     memcpy(&v, p, 4);
@@ -136,10 +158,9 @@ void q4_matmul(const float *x, int64_t x_stride, const uint8_t *codes, const flo
                const float *mins, float *out, int64_t out_stride, int64_t m, int64_t n, int64_t k,
                int64_t threads) {
     const int64_t groups = k / GROUP;
-    int8_t *a = aligned_alloc(64, (size_t)((m * k + 63) / 64 * 64));
-    float *d = malloc(sizeof(float) * (size_t)(m * groups) * 2);
-    if (!a || !d) abort();
-    float *sums = d + m * groups;
+    QuantizedRows q = quantized_rows(m, k);
+    int8_t *a = q.a;
+    float *d = q.d, *sums = q.sums;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
 #pragma omp for schedule(static)
@@ -156,8 +177,7 @@ void q4_matmul(const float *x, int64_t x_stride, const uint8_t *codes, const flo
                            out_stride);
         }
     }
-    free(a);
-    free(d);
+    free_rows(q);
 }
 
 /* The 8-bit sibling, for weights with signed int8 codes (-127..127) and a scale per group of
@@ -215,10 +235,9 @@ void q8_matmul(const float *x, int64_t x_stride, const int8_t *codes, const floa
                float *out, int64_t out_stride, int64_t m, int64_t n, int64_t k,
                int64_t threads) {
     const int64_t groups = k / GROUP;
-    int8_t *a = aligned_alloc(64, (size_t)((m * k + 63) / 64 * 64));
-    float *d = malloc(sizeof(float) * (size_t)(m * groups) * 2);
-    if (!a || !d) abort();
-    float *sums = d + m * groups; /* unused here: no minimums */
+    QuantizedRows q = quantized_rows(m, k);
+    int8_t *a = q.a;
+    float *d = q.d, *sums = q.sums; /* sums unused here: no minimums */
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
 #pragma omp for schedule(static)
@@ -234,8 +253,7 @@ void q8_matmul(const float *x, int64_t x_stride, const int8_t *codes, const floa
                               out_stride);
         }
     }
-    free(a);
-    free(d);
+    free_rows(q);
 }
 
 int64_t uses_vnni(void) { return VNNI; }

@@ -7,8 +7,10 @@ kernel multiplies the GGUF's own 4-bit codes by activations quantized to int8 pe
 on SmolLM2's shapes, capped to AVX2 on the project's CPU; with VNNI ~1.3x more
 (docs/performance.md).
 
-It is x86 code (AVX2 + FMA intrinsics), compiled on first use like cpu_kernels.c and for the
-same instruction sets; elsewhere `load("auto")` returns None and the model keeps float32.
+Its 8-bit sibling (`q8`) serves the LM head from int8 codes per group of 32. Both give a row
+the same bits at any row count. It is x86 code (AVX2 + FMA intrinsics), compiled on first use
+like cpu_kernels.c and for the same instruction sets; elsewhere `load("auto")` returns None
+and the model keeps float32.
 """
 
 from __future__ import annotations
