@@ -152,34 +152,6 @@ INLINE void tile_block(int64_t rows, const uint8_t *codes, const float *scales,
     }
 }
 
-/* y = x W^T for x [m, k] (row stride x_stride), W given as above, y [m, n] (row stride
-   out_stride). k a multiple of 32, n of 8. Runs on `threads` OpenMP threads. */
-void q4_matmul(const float *x, int64_t x_stride, const uint8_t *codes, const float *scales,
-               const float *mins, float *out, int64_t out_stride, int64_t m, int64_t n, int64_t k,
-               int64_t threads) {
-    const int64_t groups = k / GROUP;
-    QuantizedRows q = quantized_rows(m, k);
-    int8_t *a = q.a;
-    float *d = q.d, *sums = q.sums;
-#pragma omp parallel num_threads(threads) if (threads > 1)
-    {
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < m; i++)
-            quantize_row(x + i * x_stride, k, a + i * k, d + i * groups, sums + i * groups);
-#pragma omp for schedule(static)
-        for (int64_t tile = 0; tile < n / TILE; tile++) {
-            const uint8_t *c = codes + tile * (k / 8) * 32;
-            const float *sc = scales + tile * groups * TILE, *mn = mins + tile * groups * TILE;
-            float *o = out + tile * TILE;
-            for (int64_t i = 0; i < m; i += MAX_ROWS_AT_ONCE)
-                tile_block(m - i < MAX_ROWS_AT_ONCE ? m - i : MAX_ROWS_AT_ONCE, c, sc, mn,
-                           a + i * k, k, d + i * groups, sums + i * groups, o + i * out_stride,
-                           out_stride);
-        }
-    }
-    free_rows(q);
-}
-
 /* The 8-bit sibling, for weights with signed int8 codes (-127..127) and a scale per group of
    32 (an LM head, requantized as Q8_0): y[i, j] = sum over g of d[i,g] * scale[j,g] *
    sum_k q[j,k] * a[i,k]. Both operands are signed here, so each product goes through the
@@ -231,29 +203,49 @@ INLINE void q8_tile_block(int64_t rows, const int8_t *codes, const float *scales
     }
 }
 
-void q8_matmul(const float *x, int64_t x_stride, const int8_t *codes, const float *scales,
-               float *out, int64_t out_stride, int64_t m, int64_t n, int64_t k,
-               int64_t threads) {
+/* y = x W^T for x [m, k] (row stride x_stride) and W as 4-bit (bits 4: codes, scales and
+   minimums as laid out at the top) or 8-bit codes (bits 8: codes and scales as above q8),
+   y [m, n] (row stride out_stride). k a multiple of 32, n of 8. On `threads` OpenMP threads:
+   rows are quantized in parallel, then tiles of output channels are shared out. */
+static void matmul(int bits, const float *x, int64_t x_stride, const void *codes,
+                   const float *scales, const float *mins, float *out, int64_t out_stride,
+                   int64_t m, int64_t n, int64_t k, int64_t threads) {
     const int64_t groups = k / GROUP;
     QuantizedRows q = quantized_rows(m, k);
-    int8_t *a = q.a;
-    float *d = q.d, *sums = q.sums; /* sums unused here: no minimums */
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < m; i++)
-            quantize_row(x + i * x_stride, k, a + i * k, d + i * groups, sums + i * groups);
+            quantize_row(x + i * x_stride, k, q.a + i * k, q.d + i * groups, q.sums + i * groups);
 #pragma omp for schedule(static)
         for (int64_t tile = 0; tile < n / TILE; tile++) {
-            const int8_t *c = codes + tile * (k / 4) * 32;
             const float *sc = scales + tile * groups * TILE;
-            for (int64_t i = 0; i < m; i += MAX_ROWS_AT_ONCE)
-                q8_tile_block(m - i < MAX_ROWS_AT_ONCE ? m - i : MAX_ROWS_AT_ONCE, c, sc,
-                              a + i * k, k, d + i * groups, out + tile * TILE + i * out_stride,
-                              out_stride);
+            for (int64_t i = 0; i < m; i += MAX_ROWS_AT_ONCE) {
+                int64_t rows = m - i < MAX_ROWS_AT_ONCE ? m - i : MAX_ROWS_AT_ONCE;
+                float *o = out + tile * TILE + i * out_stride;
+                if (bits == 4)
+                    tile_block(rows, (const uint8_t *)codes + tile * (k / 8) * 32, sc,
+                               mins + tile * groups * TILE, q.a + i * k, k, q.d + i * groups,
+                               q.sums + i * groups, o, out_stride);
+                else
+                    q8_tile_block(rows, (const int8_t *)codes + tile * (k / 4) * 32, sc,
+                                  q.a + i * k, k, q.d + i * groups, o, out_stride);
+            }
         }
     }
     free_rows(q);
+}
+
+void q4_matmul(const float *x, int64_t x_stride, const uint8_t *codes, const float *scales,
+               const float *mins, float *out, int64_t out_stride, int64_t m, int64_t n, int64_t k,
+               int64_t threads) {
+    matmul(4, x, x_stride, codes, scales, mins, out, out_stride, m, n, k, threads);
+}
+
+void q8_matmul(const float *x, int64_t x_stride, const int8_t *codes, const float *scales,
+               float *out, int64_t out_stride, int64_t m, int64_t n, int64_t k,
+               int64_t threads) {
+    matmul(8, x, x_stride, codes, scales, NULL, out, out_stride, m, n, k, threads);
 }
 
 int64_t uses_vnni(void) { return VNNI; }

@@ -63,17 +63,7 @@ class Q4Matmul:
         scales: torch.Tensor,  # [N / 8, K / 32, 8] float32
         minimums: torch.Tensor,  # [N / 8, K / 32, 8] float32
     ) -> torch.Tensor:  # [M, N] float32
-        if x.stride(-1) != 1:
-            x = x.contiguous()
-        rows, k = x.shape
-        n = codes.shape[0] * TILE
-        out = torch.empty((rows, n), dtype=torch.float32)
-        if rows == 0:
-            return out
-        self._fn(x.data_ptr(), x.stride(0), codes.data_ptr(), scales.data_ptr(),
-                 minimums.data_ptr(), out.data_ptr(), n, rows, n, k, torch.get_num_threads())
-        return out
-
+        return self._run(self._fn, x, codes, scales, minimums)
 
     def q8(
         self,
@@ -82,15 +72,18 @@ class Q4Matmul:
         scales: torch.Tensor,  # [N / 8, K / 32, 8] float32
     ) -> torch.Tensor:  # [M, N] float32
         """The 8-bit sibling (signed codes, a scale per group of 32; model/q8_int8_weights.py)."""
+        return self._run(self._q8, x, codes, scales)
+
+    @staticmethod
+    def _run(fn, x: torch.Tensor, codes: torch.Tensor, *per_group: torch.Tensor) -> torch.Tensor:
         if x.stride(-1) != 1:
             x = x.contiguous()
         rows, k = x.shape
         n = codes.shape[0] * TILE
         out = torch.empty((rows, n), dtype=torch.float32)
-        if rows == 0:
-            return out
-        self._q8(x.data_ptr(), x.stride(0), codes.data_ptr(), scales.data_ptr(), out.data_ptr(),
-                 n, rows, n, k, torch.get_num_threads())
+        if rows:
+            fn(x.data_ptr(), x.stride(0), codes.data_ptr(), *(t.data_ptr() for t in per_group),
+               out.data_ptr(), n, rows, n, k, torch.get_num_threads())
         return out
 
 
