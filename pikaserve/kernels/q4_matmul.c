@@ -108,56 +108,11 @@ INLINE __m256i broadcast4(const int8_t *p) {
     return _mm256_set1_epi32(v);
 }
 
-/* `rows` (a constant after inlining) rows times one tile of 8 output channels. */
-INLINE void tile_rows(int rows, const uint8_t *codes, const float *scales, const float *mins,
-                      const int8_t *a, int64_t k, const float *d, const float *sums,
-                      float *out, int64_t out_stride) {
-    const int64_t groups = k / GROUP;
-    const __m256i low = _mm256_set1_epi8(0x0f);
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[MAX_ROWS_AT_ONCE];
-    for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < groups; g++) {
-        __m256i dot[MAX_ROWS_AT_ONCE];
-        for (int r = 0; r < rows; r++) dot[r] = _mm256_setzero_si256();
-        for (int t = 0; t < GROUP / 8; t++) {
-            __m256i packed = _mm256_loadu_si256((const __m256i *)(codes + (g * 4 + t) * 32));
-            __m256i w0 = _mm256_and_si256(packed, low);
-            __m256i w1 = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
-            for (int r = 0; r < rows; r++) {
-                const int8_t *ar = a + r * k + g * GROUP + t * 8;
-                dot[r] = DOT_BYTES(dot[r], w0, broadcast4(ar));
-                dot[r] = DOT_BYTES(dot[r], w1, broadcast4(ar + 4));
-            }
-        }
-        __m256 sc = _mm256_loadu_ps(scales + g * TILE), mn = _mm256_loadu_ps(mins + g * TILE);
-        for (int r = 0; r < rows; r++) {
-            __m256 exact = _mm256_cvtepi32_ps(VNNI ? dot[r] : _mm256_madd_epi16(dot[r], ones));
-            acc[r] = _mm256_fmadd_ps(exact, _mm256_mul_ps(sc, _mm256_set1_ps(d[r * groups + g])), acc[r]);
-            acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(sums[r * groups + g]), acc[r]);
-        }
-    }
-    for (int r = 0; r < rows; r++) _mm256_storeu_ps(out + r * out_stride, acc[r]);
-}
-
-/* tile_rows() for 1 to 4 rows, each count compiled with it as a constant. */
-INLINE void tile_block(int64_t rows, const uint8_t *codes, const float *scales,
-                       const float *mins, const int8_t *a, int64_t k, const float *d,
-                       const float *sums, float *out, int64_t out_stride) {
-    switch (rows) {
-    case 4: tile_rows(4, codes, scales, mins, a, k, d, sums, out, out_stride); break;
-    case 3: tile_rows(3, codes, scales, mins, a, k, d, sums, out, out_stride); break;
-    case 2: tile_rows(2, codes, scales, mins, a, k, d, sums, out, out_stride); break;
-    default: tile_rows(1, codes, scales, mins, a, k, d, sums, out, out_stride); break;
-    }
-}
-
-/* The 8-bit sibling, for weights with signed int8 codes (-127..127) and a scale per group of
-   32 (an LM head, requantized as Q8_0): y[i, j] = sum over g of d[i,g] * scale[j,g] *
-   sum_k q[j,k] * a[i,k]. Both operands are signed here, so each product goes through the
-   sign trick (|a| times q with a's sign), whose pair sums (at most 2 * 127 * 127) fit int16
-   but not two of them: every step widens to int32. Each row is summed alone, in the same order
-   at any row count, like q4_matmul.
+/* The 8-bit sibling (q8_matmul) takes weights with signed int8 codes (-127..127) and a
+   scale per group of 32 (an LM head, requantized as Q8_0): y[i, j] = sum over g of d[i,g] *
+   scale[j,g] * sum_k q[j,k] * a[i,k]. Both operands are signed there, so each product goes
+   through the sign trick (|a| times q with a's sign), whose pair sums (at most 2 * 127 * 127)
+   fit int16 but not two of them: every step widens to int32.
    Layouts: codes [N / 8][K / 4][32] int8, byte 4 * c + j = channel c's code at k = 4t + j;
    scales [N / 8][K / 32][8] float. */
 INLINE __m256i dot_signed(__m256i acc, __m256i w, __m256i a, __m256i ones) {
@@ -170,36 +125,62 @@ INLINE __m256i dot_signed(__m256i acc, __m256i w, __m256i a, __m256i ones) {
 #endif
 }
 
-INLINE void q8_tile_rows(int rows, const int8_t *codes, const float *scales, const int8_t *a,
-                         int64_t k, const float *d, float *out, int64_t out_stride) {
+/* `rows` rows times one tile of 8 output channels, for 4-bit or 8-bit codes (`bits` and
+   `rows` constants after inlining). Each row is summed alone, in the same order at any row
+   count. */
+INLINE void tile_rows(int bits, int rows, const void *codes, const float *scales,
+                      const float *mins, const int8_t *a, int64_t k, const float *d,
+                      const float *sums, float *out, int64_t out_stride) {
     const int64_t groups = k / GROUP;
+    const __m256i low = _mm256_set1_epi8(0x0f);
     const __m256i ones = _mm256_set1_epi16(1);
+    const uint8_t *bytes = codes;
     __m256 acc[MAX_ROWS_AT_ONCE];
     for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
         __m256i dot[MAX_ROWS_AT_ONCE];
         for (int r = 0; r < rows; r++) dot[r] = _mm256_setzero_si256();
-        for (int t = 0; t < GROUP / 4; t++) {
-            __m256i w = _mm256_loadu_si256((const __m256i *)(codes + (g * 8 + t) * 32));
-            for (int r = 0; r < rows; r++)
-                dot[r] = dot_signed(dot[r], w, broadcast4(a + r * k + g * GROUP + t * 4), ones);
+        const int8_t *ag = a + g * GROUP;
+        if (bits == 4) {
+            for (int t = 0; t < GROUP / 8; t++) {
+                __m256i packed = _mm256_loadu_si256((const __m256i *)(bytes + (g * 4 + t) * 32));
+                __m256i w0 = _mm256_and_si256(packed, low);
+                __m256i w1 = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+                for (int r = 0; r < rows; r++) {
+                    dot[r] = DOT_BYTES(dot[r], w0, broadcast4(ag + r * k + t * 8));
+                    dot[r] = DOT_BYTES(dot[r], w1, broadcast4(ag + r * k + t * 8 + 4));
+                }
+            }
+        } else {
+            for (int t = 0; t < GROUP / 4; t++) {
+                __m256i w = _mm256_loadu_si256((const __m256i *)(bytes + (g * 8 + t) * 32));
+                for (int r = 0; r < rows; r++)
+                    dot[r] = dot_signed(dot[r], w, broadcast4(ag + r * k + t * 4), ones);
+            }
         }
         __m256 sc = _mm256_loadu_ps(scales + g * TILE);
-        for (int r = 0; r < rows; r++)
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]),
+        for (int r = 0; r < rows; r++) {
+            /* without VNNI the 4-bit sums are still int16 pairs */
+            __m256i whole = bits == 4 && !VNNI ? _mm256_madd_epi16(dot[r], ones) : dot[r];
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(whole),
                                      _mm256_mul_ps(sc, _mm256_set1_ps(d[r * groups + g])), acc[r]);
+            if (bits == 4)
+                acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(mins + g * TILE),
+                                         _mm256_set1_ps(sums[r * groups + g]), acc[r]);
+        }
     }
     for (int r = 0; r < rows; r++) _mm256_storeu_ps(out + r * out_stride, acc[r]);
 }
 
-INLINE void q8_tile_block(int64_t rows, const int8_t *codes, const float *scales,
-                          const int8_t *a, int64_t k, const float *d, float *out,
-                          int64_t out_stride) {
+/* tile_rows() for 1 to 4 rows, each count compiled with it as a constant. */
+INLINE void tile_block(int bits, int64_t rows, const void *codes, const float *scales,
+                       const float *mins, const int8_t *a, int64_t k, const float *d,
+                       const float *sums, float *out, int64_t out_stride) {
     switch (rows) {
-    case 4: q8_tile_rows(4, codes, scales, a, k, d, out, out_stride); break;
-    case 3: q8_tile_rows(3, codes, scales, a, k, d, out, out_stride); break;
-    case 2: q8_tile_rows(2, codes, scales, a, k, d, out, out_stride); break;
-    default: q8_tile_rows(1, codes, scales, a, k, d, out, out_stride); break;
+    case 4: tile_rows(bits, 4, codes, scales, mins, a, k, d, sums, out, out_stride); break;
+    case 3: tile_rows(bits, 3, codes, scales, mins, a, k, d, sums, out, out_stride); break;
+    case 2: tile_rows(bits, 2, codes, scales, mins, a, k, d, sums, out, out_stride); break;
+    default: tile_rows(bits, 1, codes, scales, mins, a, k, d, sums, out, out_stride); break;
     }
 }
 
@@ -223,13 +204,16 @@ static void matmul(int bits, const float *x, int64_t x_stride, const void *codes
             for (int64_t i = 0; i < m; i += MAX_ROWS_AT_ONCE) {
                 int64_t rows = m - i < MAX_ROWS_AT_ONCE ? m - i : MAX_ROWS_AT_ONCE;
                 float *o = out + tile * TILE + i * out_stride;
+                /* a tile is 4k bytes of 4-bit codes, 8k of 8-bit ones */
+                const uint8_t *c = (const uint8_t *)codes + tile * (k / 8) * bits * 8;
+                const float *mn = bits == 4 ? mins + tile * groups * TILE : NULL;
+                /* bits as a constant in each call: its branches compile away */
                 if (bits == 4)
-                    tile_block(rows, (const uint8_t *)codes + tile * (k / 8) * 32, sc,
-                               mins + tile * groups * TILE, q.a + i * k, k, q.d + i * groups,
+                    tile_block(4, rows, c, sc, mn, q.a + i * k, k, q.d + i * groups,
                                q.sums + i * groups, o, out_stride);
                 else
-                    q8_tile_block(rows, (const int8_t *)codes + tile * (k / 4) * 32, sc,
-                                  q.a + i * k, k, q.d + i * groups, o, out_stride);
+                    tile_block(8, rows, c, sc, mn, q.a + i * k, k, q.d + i * groups,
+                               q.sums + i * groups, o, out_stride);
             }
         }
     }
