@@ -4,7 +4,7 @@ On a CPU without native bfloat16 the model runs float32 matmuls, compute-bound a
 rows of a Pika prefill and memory-bound on 540 MB of float32 weights at a few rows. The C
 kernel multiplies the GGUF's own 4-bit codes by activations quantized to int8 per group of 32
 (llama.cpp's arithmetic): 1.4-2x float32's speed from 6 to 1024 rows and 2.5-3.8x at 1-2 rows
-on SmolLM2's shapes, capped to AVX2 on the project's CPU; with VNNI ~1.3x more
+on SmolLM2's shapes, capped to AVX2 on the project's CPU; with VNNI ~1.5x more
 (docs/performance.md).
 
 Its 8-bit sibling (`q8`) serves the LM head from int8 codes per group of 32. Both give a row
