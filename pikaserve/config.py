@@ -70,16 +70,18 @@ class EngineConfig:
     # CPU + bfloat16: passes of at most this many rows multiply by a Q4 GGUF's 4-bit weights
     # directly (memory-bound, ~4x fewer bytes); bigger ones by the dequantized copy. 0: never.
     int4_max_rows: int = 12
-    # CPU: passes of at most this many rows multiply by int8 copies of the weights without a
-    # 4-bit path (the LM head; every layer of other models) with bfloat16 activations
+    # CPU: passes of at most this many rows multiply by int8 copies of the weights on neither
+    # a 4-bit path nor the integer kernels (every matmul of a float32 model that is not a
+    # GGUF; a bfloat16 LM head) with bfloat16 activations
     # (model/int8_weights.py; ~1% off float32, like bfloat16). None: 2 when dtype "auto" chose
     # float32 (CPUs without native bf16), else 0 (an explicit float32 stays exact). 0: never.
     int8_max_rows: int | None = None
     # CPU + float32 + a Q4_0/Q4_1/Q4_K GGUF, x86 with AVX2: every pass multiplies the GGUF's
     # 4-bit codes, and the LM head's int8 codes per group of 32, by activations quantized to
-    # int8 per group of 32 (llama.cpp's arithmetic; kernels/q4_matmul.c; ~0.5% off float32). auto: on when dtype auto chose float32 (CPUs
-    # without native bf16) and the kernel builds; an explicit float32 stays exact. on:
-    # required (an error where it cannot run); off: never.
+    # int8 per group of 32 (llama.cpp's arithmetic; kernels/q4_matmul.c; ~0.5% off float32).
+    # auto: on when dtype auto chose float32 (CPUs without native bf16) and the kernel
+    # builds; an explicit float32 stays exact. on: required (an error where it cannot run);
+    # off: never.
     q4_int8_matmul: str = "auto"
     tensor_parallel_size: int = 1  # only 1 so far
     # CUDA: steps of up to this many tokens replay a captured CUDA graph (engine/cuda_graphs.py,

@@ -35,8 +35,7 @@ from pikaserve.kv.host_tier import HostKVTier
 from pikaserve.model.loader import LoadedModel, load_model, resolve_model_path
 from pikaserve.engine.device import (
     configure_threads, describe_cpu, resolve_device, resolve_dtype, resolve_int8_rows,
-    resolve_q4_int8,
-    resolve_kv_cache_dtype)
+    resolve_kv_cache_dtype, resolve_q4_int8)
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +137,7 @@ class LLMEngine:
             model = loaded.model
             logger.info(describe_cpu(self.dtype, model.int4_rows(), model.int8_rows(),
                                      model.q4_int8_layers(), model.q8_int8_head(),
-                                     model.q4_int8_vnni(),
-                                     model.q4_int8_rows(),
+                                     model.q4_int8_vnni(), model.q4_int8_rows(),
                                      loaded.backend.fused_kernels is not None))
 
     # --- requests -----------------------------------------------------------------------

@@ -324,7 +324,7 @@ class LlamaForCausalLM(nn.Module):
         """float32 on a CPU: every decoder linear layer whose weights are all in `int4` runs
         on the integer Q4 x int8 kernel (model/q4_int8_weights.py), for as many rows as it
         is faster here. After load_hf_tensors (it may release the float weights). The LM head
-        stays float: grammar-held steps take rows of it."""
+        has its own (use_q8_int8_head)."""
         for linear, groups in self._int4_layers(int4):
             if q4_int8_weights.can_pack(linear.shape):
                 linear.use_q4_int8(groups, kernel, kernel.max_rows())
@@ -364,8 +364,8 @@ class LlamaForCausalLM(nn.Module):
                     if isinstance(m, Linear) and m.int4 is not None), default=0)
 
     def use_int8(self, max_rows: int) -> None:
-        """CPU: every matmul without a 4-bit path (int4 or Q4 x int8, faster on the rows int8
-        takes), the LM head included, gets an int8 copy of its weight for passes of at most
+        """CPU: every matmul on neither a 4-bit path (int4) nor the integer kernels (both
+        faster on the rows int8 takes), the LM head included, gets an int8 copy of its weight for passes of at most
         `max_rows` rows (model/int8_weights.py). Before reorder_for_onednn, which may drop the
         plain weights."""
         for layer in self.decoder_layers:

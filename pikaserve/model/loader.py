@@ -133,7 +133,7 @@ def load_model(
     on the integer Q4 x int8 kernel instead, and the LM head on its Q8 sibling, where it
     builds ("on": or fail).
     int8_max_rows > 0 (CPU): passes of at most that many rows use int8 copies of the weights
-    without a 4-bit path (the LM head; every layer of other models)."""
+    on neither (every matmul of a float32 model that is not a GGUF; a bfloat16 LM head)."""
     use_int4 = int4_max_rows > 0 and device.type == "cpu" and dtype == torch.bfloat16
     # only a GGUF has 4-bit codes to multiply ("on" then fails below, with the reason)
     q4_kernel = q4_matmul.load(q4_int8) if path.suffix == ".gguf" or q4_int8 == "on" else None

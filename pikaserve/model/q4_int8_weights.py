@@ -19,6 +19,13 @@ def can_pack(shape: tuple[int, int]) -> bool:
     return n % TILE == 0 and k % GROUP == 0
 
 
+def tiled(per_group: torch.Tensor) -> torch.Tensor:
+    """[N, K / 32] -> [N / 8, K / 32, 8] float32: a tile's 8 channels side by side, as both
+    integer kernels read their scales."""
+    n, groups = per_group.shape
+    return per_group.float().view(n // TILE, TILE, groups).transpose(1, 2).contiguous()
+
+
 class Q4Int8Weight:
     """[N, K] 4-bit codes in tiles of 8 output channels, with their scales and minimums."""
 
@@ -28,15 +35,9 @@ class Q4Int8Weight:
         # each 32-byte step holds k = 8t..8t+3 in its low nibbles, 8t+4..8t+7 in its high ones
         c = groups.codes.view(n // TILE, TILE, k // 8, 2, 4).permute(0, 2, 1, 4, 3)
         self.codes = (c[..., 0] | (c[..., 1] << 4)).contiguous().view(n // TILE, k // 8, 32)
-        self.scales = self._tiled(groups.scale)
-        self.minimums = self._tiled(groups.minimum)
+        self.scales = tiled(groups.scale)
+        self.minimums = tiled(groups.minimum)
         self.kernel = kernel
-
-    @staticmethod
-    def _tiled(per_group: torch.Tensor) -> torch.Tensor:
-        """[N, K / 32] -> [N / 8, K / 32, 8] float32: a tile's 8 channels side by side."""
-        n, groups = per_group.shape
-        return per_group.float().view(n // TILE, TILE, groups).transpose(1, 2).contiguous()
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] float32 -> [M, N] float32."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from pikaserve.kernels.q4_matmul import GROUP, TILE, Q4Matmul
+from pikaserve.model.q4_int8_weights import tiled
 
 
 def can_pack(shape: tuple[int, int]) -> bool:
@@ -28,9 +29,9 @@ class Q8Int8Weight:
         scale = groups.abs().amax(-1) / 127  # [N, K / 32]
         codes = torch.where(scale[..., None] > 0, groups / scale[..., None], 0).round_()
         # [tile, 8 channels, step of 4 along K, 4] -> [tile, step, channel, 4]
-        tiled = codes.to(torch.int8).view(n // TILE, TILE, k // 4, 4).transpose(1, 2)
-        self.codes = tiled.contiguous().view(n // TILE, k // 4, 32)
-        self.scales = scale.view(n // TILE, TILE, k // GROUP).transpose(1, 2).contiguous()
+        steps = codes.to(torch.int8).view(n // TILE, TILE, k // 4, 4).transpose(1, 2)
+        self.codes = steps.contiguous().view(n // TILE, k // 4, 32)
+        self.scales = tiled(scale)
         self.kernel = kernel
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:

@@ -82,8 +82,8 @@ FLAGS = (
     Flag("int4-max-rows", "engine", type=int, help="CPU + bfloat16: steps of at most this "
          "many rows multiply by a Q4 GGUF's 4-bit weights directly; 0: never"),
     Flag("int8-max-rows", "engine", type=int, help="CPU: steps of at most this many rows use "
-         "int8 copies of the weights without a 4-bit path (default 2 when dtype auto chose "
-         "float32; 0: never)"),
+         "int8 copies of the weights on no 4-bit or integer kernel (default 2 when dtype auto "
+         "chose float32; 0: never)"),
     Flag("q4-int8-matmul", "engine", help="auto | on | off: CPU + float32 + a Q4 GGUF: "
          "matmuls on the 4-bit codes x int8 activations (x86 AVX2; auto: when dtype auto "
          "chose float32)"),
