@@ -2,8 +2,8 @@
 
 Built from the step's BatchLayout (TorchBackend.metadata) and passed to the model explicitly.
 Sequences computing a few tokens (decodes, drafts, short forced chunks) are attended together
-as query rows (RowBatch in PyTorch, PagedRows with the compiled CPU kernel); longer chunks
-(prefill) one SDPA call each (ChunkSequence).
+as query rows (RowBatch in PyTorch, PagedRows with the compiled CPU kernels); longer chunks
+(prefill) one SDPA call each (ChunkSequence), or all in one kernel call (PagedChunks).
 """
 
 from __future__ import annotations
@@ -60,7 +60,19 @@ class PagedRows:
 
 
 @dataclass(slots=True)
+class PagedChunks:
+    """Prefill chunks for the CPU kernel (kernels/cpu_native.py), attended in one call that
+    reads keys through the block tables itself: chunk c's token i sees the first
+    context_lens[c] - lens[c] + i + 1 keys of its sequence."""
+
+    block_tables: torch.Tensor  # [C, max_blocks] int64
+    starts: torch.Tensor  # [C] int64: the chunk's first token in the flat batch
+    lens: torch.Tensor  # [C] int64: its new tokens
+    context_lens: torch.Tensor  # [C] int64: its sequence's tokens after this step
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64: flat KV slot each new token is written to
     rows: RowBatch | PagedRows | None  # the sequences of few tokens, or None when there are none
-    chunks: list[ChunkSequence]  # the others
+    chunks: list[ChunkSequence] | PagedChunks  # the others (PagedChunks with the CPU kernels)

@@ -172,6 +172,7 @@ INLINE int64_t key_offset(const int64_t *table, int64_t j, int64_t block_size, i
 #endif
 typedef float vfloat __attribute__((vector_size(4 * LANES)));
 typedef uint32_t vuint __attribute__((vector_size(4 * LANES)));
+typedef int32_t vint __attribute__((vector_size(4 * LANES)));
 typedef uint16_t vhalf __attribute__((vector_size(2 * LANES)));
 typedef float vfloat4 __attribute__((vector_size(16)));
 
@@ -204,15 +205,38 @@ INLINE int64_t *key_offsets(const int64_t *table, int64_t len, int64_t block_siz
     return where;
 }
 
-/* scores[j] = exp(scores[j] - top), in place; returns their sum. */
+/* scores[j] = exp(scores[j] - top), in place; returns their sum. The sum runs in LANES
+   partial sums: GCC 12 leaves an `omp simd` reduction scalar once this is inlined into a
+   parallel loop, and a plain float sum does not vectorise without -ffast-math. */
 INLINE float softmax_numerators(float *scores, int64_t len, float top) {
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < len; j++) {
-        scores[j] = exp_f32(scores[j] - top);
-        sum += scores[j];
+    for (int64_t j = 0; j < len; j++) scores[j] = exp_f32(scores[j] - top);
+    vfloat partial = {0};
+    int64_t j = 0;
+    for (; j + LANES <= len; j += LANES) {
+        vfloat v;
+        memcpy(&v, scores + j, sizeof v);
+        partial += v;
     }
+    float sum = hsum(partial);
+    for (; j < len; j++) sum += scores[j];
     return sum;
+}
+
+/* The largest of x[0:len], len > 0 (vectorised by hand, as the sum above). */
+INLINE float largest(const float *x, int64_t len) {
+    vfloat top;
+    memcpy(&top, x, sizeof top); /* x has at least LANES floats (the packed widths do) */
+    int64_t j = LANES;
+    for (; j + LANES <= len; j += LANES) {
+        vfloat v;
+        memcpy(&v, x + j, sizeof v);
+        vint above = v > top;
+        top = (vfloat)(((vint)v & above) | ((vint)top & ~above));
+    }
+    float best = x[0];
+    for (int i = 0; i < LANES && i < len; i++) best = top[i] > best ? top[i] : best;
+    for (; j < len; j++) best = x[j] > best ? x[j] : best;
+    return best;
 }
 
 /* One (row, KV head) task of attention_rows: the group of query heads at q_row + g * stride_h
@@ -369,6 +393,188 @@ INLINE void attention_rows(const void *restrict q, int64_t stride_t, int64_t str
     }
 }
 
+/* ---- Attention of prefill chunks: tiled matrix products over packed keys and values ----
+
+A chunk of n new tokens (query rows) attends to the sequence's ctx cached keys, row i to the
+first ctx - n + i + 1 of them. Per row the work is the same as attend(), but with dozens of
+rows per sequence the keys are worth repacking once per (chunk, KV head) as float32, keys
+transposed [dim][keys] and values [keys][dim], so that scores and outputs are register-tiled
+products: each loaded vector of keys or values serves TILE_M query heads and each broadcast
+query element TILE_V vectors of keys, instead of a horizontal sum per score. The tile fills
+AVX512's 32 registers (6 x 4 accumulators) or AVX2's 16 (6 x 2). */
+#ifdef __AVX512F__
+#define TILE_V 4
+#else
+#define TILE_V 2
+#endif
+#define TILE_M 6
+#define TILE_N (TILE_V * LANES)
+#define TASK_TILES 4 /* query tiles per task: small enough to balance one chunk over threads */
+
+INLINE vfloat splat(float x) {
+    return x - (vfloat){0}; /* x - 0 is x exactly (unlike x + 0 for -0): a plain broadcast */
+}
+
+/* c[m][0:nv * LANES] = sum over k < depth of a[m * lda + k] * b[k * ldb + 0:nv * LANES] for
+   m < mr (both constants once inlined: the accumulators stay in registers). */
+INLINE void product_tile(const float *restrict a, int64_t lda, const float *restrict b,
+                         int64_t ldb, int64_t depth, float *restrict c, int64_t ldc, int mr,
+                         int nv) {
+    vfloat acc[TILE_M][TILE_V];
+    for (int m = 0; m < mr; m++)
+        for (int v = 0; v < nv; v++) acc[m][v] = (vfloat){0};
+    for (int64_t k = 0; k < depth; k++) {
+        vfloat row[TILE_V];
+        for (int v = 0; v < nv; v++) memcpy(&row[v], b + k * ldb + v * LANES, sizeof(vfloat));
+        for (int m = 0; m < mr; m++) {
+            vfloat x = splat(a[m * lda + k]);
+            for (int v = 0; v < nv; v++) acc[m][v] += x * row[v];
+        }
+    }
+    for (int m = 0; m < mr; m++)
+        for (int v = 0; v < nv; v++) memcpy(c + m * ldc + v * LANES, &acc[m][v], sizeof(vfloat));
+}
+
+/* product_tile() over columns [0, width) in tiles of TILE_N (width a multiple of LANES) for
+   the mr rows of a query tile, mr a constant. */
+INLINE void product_rows(const float *a, int64_t lda, const float *b, int64_t ldb, int64_t depth,
+                         float *c, int64_t ldc, int64_t width, int mr) {
+    int64_t col = 0;
+    for (; col + TILE_N <= width; col += TILE_N)
+        product_tile(a, lda, b + col, ldb, depth, c + col, ldc, mr, TILE_V);
+    for (; col < width; col += LANES)
+        product_tile(a, lda, b + col, ldb, depth, c + col, ldc, mr, 1);
+}
+
+INLINE void product(const float *a, int64_t lda, const float *b, int64_t ldb, int64_t depth,
+                    float *c, int64_t ldc, int64_t width, int64_t rows) {
+#define ROWS(M)                                                                                 \
+    case M:                                                                                     \
+        product_rows(a, lda, b, ldb, depth, c, ldc, width, M);                                  \
+        return;
+    switch (rows) {
+        ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6)
+    }
+#undef ROWS
+}
+
+/* Keys transposed [dim][width] (zero past len) and values [len][dim], float32, of the first
+   len keys of KV head h. */
+INLINE void pack_keys_values(const void *restrict k_cache, const void *restrict v_cache,
+                             const int64_t *table, int64_t len, int64_t width, int64_t block_size,
+                             int64_t kv_heads, int64_t h, int64_t dim, float *restrict keys_t,
+                             float *restrict values, int bf) {
+    for (int64_t j = 0; j < len; j++) {
+        int64_t at = key_offset(table, j, block_size, kv_heads, h, dim);
+        for (int64_t d = 0; d < dim; d++) keys_t[d * width + j] = load(k_cache, at + d, bf);
+        for (int64_t d = 0; d < dim; d++) values[j * dim + d] = load(v_cache, at + d, bf);
+    }
+    for (int64_t d = 0; d < dim; d++)
+        for (int64_t j = len; j < width; j++) keys_t[d * width + j] = 0.0f;
+}
+
+/* Query heads [first, first + count) of a chunk's (KV head h) list, ordered (row, head of the
+   group): scores against the packed keys, softmax over each row's visible keys, output. */
+INLINE void attend_tile(const void *restrict q, int64_t stride_t, int64_t stride_h,
+                        const float *keys_t, int64_t width, const float *values, int64_t start,
+                        int64_t n, int64_t ctx, int64_t first, int64_t count, int64_t group,
+                        int64_t h, int64_t heads, int64_t dim, float scale, float *queries,
+                        float *scores, void *restrict out, int bf) {
+    int64_t last_row = (first + count - 1) / group;
+    int64_t len = ctx - n + last_row + 1; /* keys the tile's last row sees */
+    int64_t cols = (len + LANES - 1) / LANES * LANES;
+    for (int64_t m = 0; m < count; m++) {
+        int64_t row = (first + m) / group, head = h * group + (first + m) % group;
+        int64_t at = (start + row) * stride_t + head * stride_h;
+        for (int64_t d = 0; d < dim; d++) queries[m * dim + d] = load(q, at + d, bf) * scale;
+    }
+    product(queries, dim, keys_t, width, dim, scores, width, cols, count);
+    float total[TILE_M];
+    for (int64_t m = 0; m < count; m++) {
+        float *s = scores + m * width;
+        int64_t seen = ctx - n + (first + m) / group + 1;
+        total[m] = softmax_numerators(s, seen, largest(s, seen));
+        for (int64_t j = seen; j < len; j++) s[j] = 0.0f;
+    }
+    float acc[TILE_M * MAX_DIM];
+    product(scores, width, values, dim, len, acc, dim, dim, count);
+    for (int64_t m = 0; m < count; m++) {
+        int64_t row = (first + m) / group, head = h * group + (first + m) % group;
+        int64_t at = ((start + row) * heads + head) * dim;
+        float inv = 1.0f / total[m];
+        for (int64_t d = 0; d < dim; d++) store(out, at + d, acc[m * dim + d] * inv, bf);
+    }
+}
+
+/* Attention of prefill chunks over a paged KV cache [blocks, block_size, kv_heads, dim].
+   Chunk c is tokens [start[c], start[c] + len[c]) of q [T, heads, dim] (rows and heads
+   strided) and out [T, heads, dim]; its sequence has ctx[c] keys through block table row c.
+   One parallel pass packs each (chunk, KV head)'s keys and values, a second attends tiles of
+   TASK_TILES x TILE_M query heads. */
+INLINE void attention_chunks(const void *restrict q, int64_t stride_t, int64_t stride_h,
+                             const void *restrict k_cache, const void *restrict v_cache,
+                             const int64_t *tables, int64_t table_stride, const int64_t *start,
+                             const int64_t *len, const int64_t *ctx, int64_t chunks,
+                             int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size,
+                             float scale, void *restrict out, int64_t num_threads, int bf) {
+    int64_t group = heads / kv_heads, pairs = chunks * kv_heads, per_task = TASK_TILES * TILE_M;
+    int64_t *packed_at = malloc(sizeof(int64_t) * (pairs + 1)), *task_at = malloc(sizeof(int64_t) * (pairs + 1));
+    packed_at[0] = task_at[0] = 0;
+    for (int64_t p = 0; p < pairs; p++) {
+        int64_t c = p / kv_heads, width = (ctx[c] + TILE_N - 1) / TILE_N * TILE_N;
+        packed_at[p + 1] = packed_at[p] + (width + ctx[c]) * dim;
+        task_at[p + 1] = task_at[p] + (len[c] * group + per_task - 1) / per_task;
+    }
+    float *packed = malloc(sizeof(float) * packed_at[pairs]);
+#pragma omp parallel num_threads(num_threads)
+    {
+#pragma omp for schedule(dynamic)
+        for (int64_t p = 0; p < pairs; p++) {
+            int64_t c = p / kv_heads, width = (ctx[c] + TILE_N - 1) / TILE_N * TILE_N;
+            float *keys_t = packed + packed_at[p];
+            if (bf)
+                pack_keys_values(k_cache, v_cache, tables + c * table_stride, ctx[c], width,
+                                 block_size, kv_heads, p % kv_heads, dim, keys_t,
+                                 keys_t + width * dim, 1);
+            else
+                pack_keys_values(k_cache, v_cache, tables + c * table_stride, ctx[c], width,
+                                 block_size, kv_heads, p % kv_heads, dim, keys_t,
+                                 keys_t + width * dim, 0);
+        }
+        int64_t widest = 0;
+        for (int64_t c = 0; c < chunks; c++) widest = ctx[c] > widest ? ctx[c] : widest;
+        widest = (widest + TILE_N - 1) / TILE_N * TILE_N;
+        float *queries = malloc(sizeof(float) * TILE_M * dim);
+        float *scores = malloc(sizeof(float) * TILE_M * widest);
+#pragma omp for schedule(dynamic)
+        for (int64_t t = 0; t < task_at[pairs]; t++) {
+            int64_t p = 0;
+            while (task_at[p + 1] <= t) p++;
+            int64_t c = p / kv_heads, h = p % kv_heads;
+            int64_t width = (ctx[c] + TILE_N - 1) / TILE_N * TILE_N;
+            const float *keys_t = packed + packed_at[p], *values = keys_t + width * dim;
+            int64_t first = (t - task_at[p]) * per_task, end = first + per_task;
+            end = end < len[c] * group ? end : len[c] * group;
+            for (int64_t m = first; m < end; m += TILE_M) {
+                int64_t count = end - m < TILE_M ? end - m : TILE_M;
+                if (bf)
+                    attend_tile(q, stride_t, stride_h, keys_t, width, values, start[c], len[c],
+                                ctx[c], m, count, group, h, heads, dim, scale, queries, scores,
+                                out, 1);
+                else
+                    attend_tile(q, stride_t, stride_h, keys_t, width, values, start[c], len[c],
+                                ctx[c], m, count, group, h, heads, dim, scale, queries, scores,
+                                out, 0);
+            }
+        }
+        free(queries);
+        free(scores);
+    }
+    free(packed);
+    free(packed_at);
+    free(task_at);
+}
+
 /* The exported versions: name_f32 and name_bf16 */
 #define EXPORT(name, params, ...)                         \
     void name##_f32 params { name(__VA_ARGS__, 0); }     \
@@ -390,6 +596,14 @@ EXPORT(attention_rows,
         int64_t parallel),
        q, st, sh, kc, vc, tables, ts, tok, seq, len, rows, heads, kv_heads, dim, bs, scale, out,
        threads, parallel)
+
+EXPORT(attention_chunks,
+       (P q, int64_t st, int64_t sh, P kc, P vc, const int64_t *tables, int64_t ts,
+        const int64_t *start, const int64_t *len, const int64_t *ctx, int64_t chunks,
+        int64_t heads, int64_t kv_heads, int64_t dim, int64_t bs, float scale, void *out,
+        int64_t threads),
+       q, st, sh, kc, vc, tables, ts, start, len, ctx, chunks, heads, kv_heads, dim, bs, scale,
+       out, threads)
 
 int64_t max_dim(void) { return MAX_DIM; }
 int64_t dim_multiple(void) { return LANES; }

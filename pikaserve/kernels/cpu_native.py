@@ -45,6 +45,7 @@ _SIGNATURES = {
     "rms_norm": [_P, _I, _P, _I, _P, _P, _P, _I, _I, _F, _I],
     "rotary": [_P, _I, _I, _P, _I, _P, _I, _P, _I, _I, _I, _I],
     "attention_rows": [_P, _I, _I, _P, _P, _P, _I, _P, _P, _P, _I, _I, _I, _I, _I, _F, _P, _I, _I],
+    "attention_chunks": [_P, _I, _I, _P, _P, _P, _I, _P, _P, _P, _I, _I, _I, _I, _I, _F, _P, _I],
 }
 
 
@@ -133,6 +134,29 @@ class CpuKernels:
             block_tables.data_ptr(), block_tables.stride(0), row_tokens.data_ptr(),
             row_seqs.data_ptr(), row_lens.data_ptr(), rows, heads, kv_heads, dim, block_size,
             scale, out.data_ptr(), threads, int(parallel))
+
+    def attention_chunks(
+        self,
+        q: torch.Tensor,  # [T, Hq, D], rows and heads may be strided, D contiguous
+        k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D], contiguous
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,  # [C, max_blocks] int64: chunk c's sequence in row c
+        starts: torch.Tensor,  # [C] int64: the chunk's first token (row of q and out)
+        lens: torch.Tensor,  # [C] int64: its new tokens
+        context_lens: torch.Tensor,  # [C] int64: its sequence's keys, the new ones included
+        scale: float,
+        out: torch.Tensor,  # [T, Hq, D] contiguous; rows of no chunk are left alone
+    ) -> None:
+        """Causal attention of prefill chunks: the chunk's token i sees the first
+        context_len - len + i + 1 keys of its sequence."""
+        q = _packed(q)
+        _, heads, dim = q.shape
+        _, block_size, kv_heads, _ = k_cache.shape
+        self._fns["attention_chunks", q.dtype](
+            q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
+            block_tables.data_ptr(), block_tables.stride(0), starts.data_ptr(), lens.data_ptr(),
+            context_lens.data_ptr(), starts.shape[0], heads, kv_heads, dim, block_size, scale,
+            out.data_ptr(), torch.get_num_threads())
 
 
 def _packed(t: torch.Tensor) -> torch.Tensor:

@@ -130,11 +130,13 @@ def paged_step(seqs, block_size, heads, kv_heads, dim, dtype, seed):
     [(5, 13)],  # one draft
     [(1, 6), (3, 11), (20, 50), (8, 8), (2, 40)],  # rows around a prefill chunk
     [(1, 700)],  # long enough to run on several threads
+    [(9, 9), (40, 340), (13, 13), (150, 700)],  # prefill chunks, fresh and over cached keys
 ])
-def test_attention_rows_match_sdpa_per_sequence(seqs, block_size, heads, kv_heads, dim, dtype,
-                                                monkeypatch, kernels):
-    """Every row through the kernel equals each sequence attended by its own SDPA call (the
-    torch backend with batching off), prefill chunks in the same step included."""
+def test_attention_kernels_match_sdpa_per_sequence(seqs, block_size, heads, kv_heads, dim, dtype,
+                                                   monkeypatch, kernels):
+    """Every row through the kernels (attention_rows for rows, attention_chunks for prefill
+    chunks) equals each sequence attended by its own SDPA call (the torch backend with
+    batching off)."""
     from pikaserve.attention import torch_backend
 
     layout, q, k, v, caches = paged_step(seqs, block_size, heads, kv_heads, dim, dtype, seed=6)
@@ -151,7 +153,7 @@ def test_attention_rows_match_sdpa_per_sequence(seqs, block_size, heads, kv_head
 
 
 def test_attention_runs_alike_on_one_thread_and_several(kernels, monkeypatch):
-    layout, q, k, v, caches = paged_step([(1, 300), (4, 90), (1, 5)], 4, 9, 3, 64,
+    layout, q, k, v, caches = paged_step([(1, 300), (4, 90), (1, 5), (30, 200)], 4, 9, 3, 64,
                                          torch.float32, seed=7)
     backend = TorchBackend(kernels)
     layer = backend.layer(9, 3, 64)
