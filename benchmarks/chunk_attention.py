@@ -3,9 +3,10 @@
 One attention layer of SmolLM2-135M's shape (9 query heads, 3 KV heads, 64 dims, KV blocks of 4
 scattered through the cache) on steps of prefill chunks, through the torch attention backend
 both ways: with the compiled CPU kernels (`attention_chunks`: one call per step) and without
-(one SDPA call per chunk over its gathered keys). The steps are Pika's: a turn's ~60 new
-tokens over the 330 cached system-prompt tokens, alone and 16 at once (16 clients), plus a
-fresh 512-token prompt. Each class runs in its own process (the ISA caps must be set before
+(one SDPA call per chunk over its gathered keys). The steps are Pika's: a turn's 62 new
+tokens over the 328 cached system-prompt tokens, alone and 16 at once (16 clients: their
+block tables start with the same 82 blocks, as prefix caching hands them out), plus a fresh
+512-token prompt. Each class runs in its own process (the ISA caps must be set before
 torch starts): native in the model dtype `dtype=auto` picks here (bfloat16 where the CPU has
 it), avx2 in float32. Times are the median of 15 repeats of 20 calls, the two paths
 alternating. Results: benchmarks/results/chunk_attention.json.
@@ -26,31 +27,34 @@ from pathlib import Path
 from pikaserve.machine import AVX2_KERNEL_CAPS
 
 OUT = Path(__file__).parent / "results" / "chunk_attention.json"
-STEPS = {  # name: the step's chunks as (new tokens, keys after the step)
-    "pika_1_chunk": [(60, 390)],
-    "pika_16_chunks": [(60, 390)] * 16,
+STEPS = {  # name: the step's chunks as (new tokens, keys after the step); cached keys shared
+    "pika_1_chunk": [(62, 390)],
+    "pika_16_chunks": [(62, 390)] * 16,
     "fresh_512": [(512, 512)],
 }
 HEADS, KV_HEADS, DIM, BLOCK_SIZE = 9, 3, 64, 4
 
 
 def step(chunks: list[tuple[int, int]], dtype):
-    """A step of these chunks, blocks in random order: its layout, q, k, v and two caches."""
+    """A step of these chunks, blocks in random order, the full blocks of their cached keys
+    shared (one prompt prefix): its layout, q, k, v and two caches."""
     import numpy as np
     import torch
 
     from pikaserve.attention.layout import LayoutBuilder
 
-    blocks = [-(-ctx // BLOCK_SIZE) for _, ctx in chunks]
-    free = list(np.random.default_rng(0).permutation(sum(blocks)))
+    num_blocks = sum(-(-ctx // BLOCK_SIZE) for _, ctx in chunks)
+    free = list(np.random.default_rng(0).permutation(num_blocks))
+    prefix = [free.pop() for _ in range(min(ctx - n for n, ctx in chunks) // BLOCK_SIZE)]
     builder = LayoutBuilder(BLOCK_SIZE)
-    for (n, ctx), b in zip(chunks, blocks):
-        builder.add([free.pop() for _ in range(b)], ctx - n, n)
+    for n, ctx in chunks:
+        own = -(-ctx // BLOCK_SIZE) - len(prefix)
+        builder.add(prefix + [free.pop() for _ in range(own)], ctx - n, n)
     layout = builder.build()
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(layout.num_tokens, h, DIM, generator=g).to(dtype)
                for h in (HEADS, KV_HEADS, KV_HEADS))
-    caches = [torch.randn(sum(blocks), BLOCK_SIZE, KV_HEADS, DIM, generator=g).to(dtype)
+    caches = [torch.randn(num_blocks, BLOCK_SIZE, KV_HEADS, DIM, generator=g).to(dtype)
               for _ in range(2)]
     return layout, q, k, v, caches
 

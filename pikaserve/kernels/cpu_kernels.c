@@ -415,14 +415,18 @@ INLINE vfloat splat(float x) {
     return x - (vfloat){0}; /* x - 0 is x exactly (unlike x + 0 for -0): a plain broadcast */
 }
 
-/* c[m][0:nv * LANES] = sum over k < depth of a[m * lda + k] * b[k * ldb + 0:nv * LANES] for
-   m < mr (both constants once inlined: the accumulators stay in registers). */
+/* c[m][0:nv * LANES] (+)= sum over k < depth of a[m * lda + k] * b[k * ldb + 0:nv * LANES] for
+   m < mr (both constants once inlined: the accumulators stay in registers); `add` adds to c
+   instead of overwriting it. */
 INLINE void product_tile(const float *restrict a, int64_t lda, const float *restrict b,
                          int64_t ldb, int64_t depth, float *restrict c, int64_t ldc, int mr,
-                         int nv) {
+                         int nv, int add) {
     vfloat acc[TILE_M][TILE_V];
     for (int m = 0; m < mr; m++)
-        for (int v = 0; v < nv; v++) acc[m][v] = (vfloat){0};
+        for (int v = 0; v < nv; v++) {
+            acc[m][v] = (vfloat){0};
+            if (add) memcpy(&acc[m][v], c + m * ldc + v * LANES, sizeof(vfloat));
+        }
     for (int64_t k = 0; k < depth; k++) {
         vfloat row[TILE_V];
         for (int v = 0; v < nv; v++) memcpy(&row[v], b + k * ldb + v * LANES, sizeof(vfloat));
@@ -438,19 +442,19 @@ INLINE void product_tile(const float *restrict a, int64_t lda, const float *rest
 /* product_tile() over columns [0, width) in tiles of TILE_N (width a multiple of LANES) for
    the mr rows of a query tile, mr a constant. */
 INLINE void product_rows(const float *a, int64_t lda, const float *b, int64_t ldb, int64_t depth,
-                         float *c, int64_t ldc, int64_t width, int mr) {
+                         float *c, int64_t ldc, int64_t width, int mr, int add) {
     int64_t col = 0;
     for (; col + TILE_N <= width; col += TILE_N)
-        product_tile(a, lda, b + col, ldb, depth, c + col, ldc, mr, TILE_V);
+        product_tile(a, lda, b + col, ldb, depth, c + col, ldc, mr, TILE_V, add);
     for (; col < width; col += LANES)
-        product_tile(a, lda, b + col, ldb, depth, c + col, ldc, mr, 1);
+        product_tile(a, lda, b + col, ldb, depth, c + col, ldc, mr, 1, add);
 }
 
 INLINE void product(const float *a, int64_t lda, const float *b, int64_t ldb, int64_t depth,
-                    float *c, int64_t ldc, int64_t width, int64_t rows) {
+                    float *c, int64_t ldc, int64_t width, int64_t rows, int add) {
 #define ROWS(M)                                                                                 \
     case M:                                                                                     \
-        product_rows(a, lda, b, ldb, depth, c, ldc, width, M);                                  \
+        product_rows(a, lda, b, ldb, depth, c, ldc, width, M, add);                             \
         return;
     switch (rows) {
         ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6)
@@ -458,28 +462,37 @@ INLINE void product(const float *a, int64_t lda, const float *b, int64_t ldb, in
 #undef ROWS
 }
 
-/* Keys transposed [dim][width] (zero past len) and values [len][dim], float32, of the first
-   len keys of KV head h. */
+/* A span of a sequence's keys and values (KV head h), packed as float32. */
+typedef struct {
+    float *keys_t; /* [dim][width]: the span's key j in column j, zero past its end */
+    float *values; /* [len][dim] */
+    int64_t width; /* the span's length rounded up to TILE_N */
+} Packed;
+
+INLINE int64_t tile_width(int64_t len) { return (len + TILE_N - 1) / TILE_N * TILE_N; }
+
+/* Packs keys [first, first + len) of KV head h. */
 INLINE void pack_keys_values(const void *restrict k_cache, const void *restrict v_cache,
-                             const int64_t *table, int64_t len, int64_t width, int64_t block_size,
-                             int64_t kv_heads, int64_t h, int64_t dim, float *restrict keys_t,
-                             float *restrict values, int bf) {
+                             const int64_t *table, int64_t first, int64_t len, int64_t block_size,
+                             int64_t kv_heads, int64_t h, int64_t dim, Packed span, int bf) {
     for (int64_t j = 0; j < len; j++) {
-        int64_t at = key_offset(table, j, block_size, kv_heads, h, dim);
-        for (int64_t d = 0; d < dim; d++) keys_t[d * width + j] = load(k_cache, at + d, bf);
-        for (int64_t d = 0; d < dim; d++) values[j * dim + d] = load(v_cache, at + d, bf);
+        int64_t at = key_offset(table, first + j, block_size, kv_heads, h, dim);
+        for (int64_t d = 0; d < dim; d++) span.keys_t[d * span.width + j] = load(k_cache, at + d, bf);
+        for (int64_t d = 0; d < dim; d++) span.values[j * dim + d] = load(v_cache, at + d, bf);
     }
     for (int64_t d = 0; d < dim; d++)
-        for (int64_t j = len; j < width; j++) keys_t[d * width + j] = 0.0f;
+        for (int64_t j = len; j < span.width; j++) span.keys_t[d * span.width + j] = 0.0f;
 }
 
 /* Query heads [first, first + count) of a chunk's (KV head h) list, ordered (row, head of the
-   group): scores against the packed keys, softmax over each row's visible keys, output. */
-INLINE void attend_tile(const void *restrict q, int64_t stride_t, int64_t stride_h,
-                        const float *keys_t, int64_t width, const float *values, int64_t start,
-                        int64_t n, int64_t ctx, int64_t first, int64_t count, int64_t group,
-                        int64_t h, int64_t heads, int64_t dim, float scale, float *queries,
-                        float *scores, void *restrict out, int bf) {
+   group): scores against the packed keys (the first `shared` from another chunk's `prefix`
+   span, the rest from the chunk's `own`), softmax over each row's visible keys, output.
+   `shared` is a multiple of TILE_N below every row's first new token. */
+INLINE void attend_tile(const void *restrict q, int64_t stride_t, int64_t stride_h, Packed prefix,
+                        int64_t shared, Packed own, int64_t start, int64_t n, int64_t ctx,
+                        int64_t first, int64_t count, int64_t group, int64_t h, int64_t heads,
+                        int64_t dim, float scale, float *queries, float *scores, int64_t width,
+                        void *restrict out, int bf) {
     int64_t last_row = (first + count - 1) / group;
     int64_t len = ctx - n + last_row + 1; /* keys the tile's last row sees */
     int64_t cols = (len + LANES - 1) / LANES * LANES;
@@ -488,7 +501,9 @@ INLINE void attend_tile(const void *restrict q, int64_t stride_t, int64_t stride
         int64_t at = (start + row) * stride_t + head * stride_h;
         for (int64_t d = 0; d < dim; d++) queries[m * dim + d] = load(q, at + d, bf) * scale;
     }
-    product(queries, dim, keys_t, width, dim, scores, width, cols, count);
+    product(queries, dim, prefix.keys_t, prefix.width, dim, scores, width, shared, count, 0);
+    product(queries, dim, own.keys_t, own.width, dim, scores + shared, width, cols - shared, count,
+            0);
     float total[TILE_M];
     for (int64_t m = 0; m < count; m++) {
         float *s = scores + m * width;
@@ -497,7 +512,9 @@ INLINE void attend_tile(const void *restrict q, int64_t stride_t, int64_t stride
         for (int64_t j = seen; j < len; j++) s[j] = 0.0f;
     }
     float acc[TILE_M * MAX_DIM];
-    product(scores, width, values, dim, len, acc, dim, dim, count);
+    product(scores, width, prefix.values, dim, shared, acc, dim, dim, count, 0);
+    product(scores + shared, width, own.values, dim, len - shared, acc, dim, dim, count,
+            shared > 0);
     for (int64_t m = 0; m < count; m++) {
         int64_t row = (first + m) / group, head = h * group + (first + m) % group;
         int64_t at = ((start + row) * heads + head) * dim;
@@ -506,11 +523,38 @@ INLINE void attend_tile(const void *restrict q, int64_t stride_t, int64_t stride
     }
 }
 
+/* For each chunk, an earlier chunk whose block table starts with the same blocks (prefix
+   caching gives requests with the same prompt prefix the same blocks: Pika's concurrent
+   turns all start with the 328 system-prompt keys) and how many keys they share, rounded
+   down to TILE_N and below the chunk's new tokens; the chunk then packs only the rest.
+   Roots (root[c] == c) share nothing and pack all their keys. */
+INLINE void find_shared_prefixes(const int64_t *tables, int64_t table_stride, const int64_t *len,
+                                 const int64_t *ctx, int64_t chunks, int64_t block_size,
+                                 int64_t *root, int64_t *shared) {
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t *table = tables + c * table_stride;
+        int64_t cached = ctx[c] - len[c];
+        root[c] = c;
+        shared[c] = 0;
+        for (int64_t r = 0; r < c; r++) {
+            if (root[r] != r) continue;
+            const int64_t *other = tables + r * table_stride;
+            int64_t limit = (cached < ctx[r] ? cached : ctx[r]) / block_size, same = 0;
+            while (same < limit && table[same] == other[same]) same++;
+            int64_t keys = same * block_size / TILE_N * TILE_N;
+            if (keys > shared[c]) {
+                root[c] = r;
+                shared[c] = keys;
+            }
+        }
+    }
+}
+
 /* Attention of prefill chunks over a paged KV cache [blocks, block_size, kv_heads, dim].
    Chunk c is tokens [start[c], start[c] + len[c]) of q [T, heads, dim] (rows and heads
    strided) and out [T, heads, dim]; its sequence has ctx[c] keys through block table row c.
-   One parallel pass packs each (chunk, KV head)'s keys and values, a second attends tiles of
-   TASK_TILES x TILE_M query heads. */
+   One parallel pass packs each (chunk, KV head)'s keys and values (those not shared with a
+   root chunk), a second attends tiles of TASK_TILES x TILE_M query heads. */
 INLINE void attention_chunks(const void *restrict q, int64_t stride_t, int64_t stride_h,
                              const void *restrict k_cache, const void *restrict v_cache,
                              const int64_t *tables, int64_t table_stride, const int64_t *start,
@@ -518,32 +562,36 @@ INLINE void attention_chunks(const void *restrict q, int64_t stride_t, int64_t s
                              int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size,
                              float scale, void *restrict out, int64_t num_threads, int bf) {
     int64_t group = heads / kv_heads, pairs = chunks * kv_heads, per_task = TASK_TILES * TILE_M;
-    int64_t *packed_at = malloc(sizeof(int64_t) * (pairs + 1)), *task_at = malloc(sizeof(int64_t) * (pairs + 1));
+    int64_t *root = malloc(sizeof(int64_t) * chunks), *shared = malloc(sizeof(int64_t) * chunks);
+    find_shared_prefixes(tables, table_stride, len, ctx, chunks, block_size, root, shared);
+    int64_t *packed_at = malloc(sizeof(int64_t) * (pairs + 1));
+    int64_t *task_at = malloc(sizeof(int64_t) * (pairs + 1));
     packed_at[0] = task_at[0] = 0;
+    int64_t widest = 0;
     for (int64_t p = 0; p < pairs; p++) {
-        int64_t c = p / kv_heads, width = (ctx[c] + TILE_N - 1) / TILE_N * TILE_N;
-        packed_at[p + 1] = packed_at[p] + (width + ctx[c]) * dim;
+        int64_t c = p / kv_heads, own = ctx[c] - shared[c];
+        packed_at[p + 1] = packed_at[p] + (tile_width(own) + own) * dim;
         task_at[p + 1] = task_at[p] + (len[c] * group + per_task - 1) / per_task;
+        widest = tile_width(ctx[c]) > widest ? tile_width(ctx[c]) : widest;
     }
     float *packed = malloc(sizeof(float) * packed_at[pairs]);
+#define SPAN(p)                                                                                 \
+    ((Packed){packed + packed_at[p], packed + packed_at[p] + tile_width(ctx[(p) / kv_heads] - shared[(p) / kv_heads]) * dim, \
+              tile_width(ctx[(p) / kv_heads] - shared[(p) / kv_heads])})
 #pragma omp parallel num_threads(num_threads)
     {
 #pragma omp for schedule(dynamic)
         for (int64_t p = 0; p < pairs; p++) {
-            int64_t c = p / kv_heads, width = (ctx[c] + TILE_N - 1) / TILE_N * TILE_N;
-            float *keys_t = packed + packed_at[p];
+            int64_t c = p / kv_heads;
             if (bf)
-                pack_keys_values(k_cache, v_cache, tables + c * table_stride, ctx[c], width,
-                                 block_size, kv_heads, p % kv_heads, dim, keys_t,
-                                 keys_t + width * dim, 1);
+                pack_keys_values(k_cache, v_cache, tables + c * table_stride, shared[c],
+                                 ctx[c] - shared[c], block_size, kv_heads, p % kv_heads, dim,
+                                 SPAN(p), 1);
             else
-                pack_keys_values(k_cache, v_cache, tables + c * table_stride, ctx[c], width,
-                                 block_size, kv_heads, p % kv_heads, dim, keys_t,
-                                 keys_t + width * dim, 0);
+                pack_keys_values(k_cache, v_cache, tables + c * table_stride, shared[c],
+                                 ctx[c] - shared[c], block_size, kv_heads, p % kv_heads, dim,
+                                 SPAN(p), 0);
         }
-        int64_t widest = 0;
-        for (int64_t c = 0; c < chunks; c++) widest = ctx[c] > widest ? ctx[c] : widest;
-        widest = (widest + TILE_N - 1) / TILE_N * TILE_N;
         float *queries = malloc(sizeof(float) * TILE_M * dim);
         float *scores = malloc(sizeof(float) * TILE_M * widest);
 #pragma omp for schedule(dynamic)
@@ -551,28 +599,30 @@ INLINE void attention_chunks(const void *restrict q, int64_t stride_t, int64_t s
             int64_t p = 0;
             while (task_at[p + 1] <= t) p++;
             int64_t c = p / kv_heads, h = p % kv_heads;
-            int64_t width = (ctx[c] + TILE_N - 1) / TILE_N * TILE_N;
-            const float *keys_t = packed + packed_at[p], *values = keys_t + width * dim;
+            Packed own = SPAN(p), prefix = SPAN(root[c] * kv_heads + h);
             int64_t first = (t - task_at[p]) * per_task, end = first + per_task;
             end = end < len[c] * group ? end : len[c] * group;
             for (int64_t m = first; m < end; m += TILE_M) {
                 int64_t count = end - m < TILE_M ? end - m : TILE_M;
                 if (bf)
-                    attend_tile(q, stride_t, stride_h, keys_t, width, values, start[c], len[c],
+                    attend_tile(q, stride_t, stride_h, prefix, shared[c], own, start[c], len[c],
                                 ctx[c], m, count, group, h, heads, dim, scale, queries, scores,
-                                out, 1);
+                                tile_width(ctx[c]), out, 1);
                 else
-                    attend_tile(q, stride_t, stride_h, keys_t, width, values, start[c], len[c],
+                    attend_tile(q, stride_t, stride_h, prefix, shared[c], own, start[c], len[c],
                                 ctx[c], m, count, group, h, heads, dim, scale, queries, scores,
-                                out, 0);
+                                tile_width(ctx[c]), out, 0);
             }
         }
         free(queries);
         free(scores);
     }
+#undef SPAN
     free(packed);
     free(packed_at);
     free(task_at);
+    free(root);
+    free(shared);
 }
 
 /* The exported versions: name_f32 and name_bf16 */

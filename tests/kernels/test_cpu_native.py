@@ -152,6 +152,39 @@ def test_attention_kernels_match_sdpa_per_sequence(seqs, block_size, heads, kv_h
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_chunks_sharing_cached_blocks_match_sdpa(kernels, dtype, monkeypatch):
+    """Chunks whose block tables start with the same cached blocks, as prefix caching hands
+    out, read those keys from one packed copy (attention_chunks packs them once): whole,
+    partly and not shared prefixes, against one SDPA call per sequence."""
+    from pikaserve.attention import torch_backend
+
+    block_size, heads, kv_heads, dim = 4, 9, 3, 64
+    system = list(range(100))  # 400 cached keys
+    fresh = iter(range(100, 1000))
+    seqs = [  # (shared blocks, cached keys, new tokens)
+        (100, 400, 60), (100, 405, 30), (10, 200, 50), (0, 0, 80), (100, 400, 9), (3, 12, 40)]
+    builder = LayoutBuilder(block_size)
+    for blocks, cached, n in seqs:
+        own = -(-(cached + n) // block_size) - blocks
+        builder.add(system[:blocks] + [next(fresh) for _ in range(own)], cached, n)
+    layout = builder.build()
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(layout.num_tokens, h, dim, generator=g).to(dtype)
+               for h in (heads, kv_heads, kv_heads))
+    caches = [torch.randn(1000, block_size, kv_heads, dim, generator=g).to(dtype)
+              for _ in range(2)]
+    native = TorchBackend(kernels)
+    got = native.layer(heads, kv_heads, dim).forward(
+        q, k, v, *[c.clone() for c in caches], native.metadata(layout, CPU, dtype))
+    monkeypatch.setattr(torch_backend, "MAX_BATCHED_ROWS", 0)
+    plain = TorchBackend()
+    want = plain.layer(heads, kv_heads, dim).forward(
+        q, k, v, *caches, plain.metadata(layout, CPU, dtype))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
 def test_attention_runs_alike_on_one_thread_and_several(kernels, monkeypatch):
     layout, q, k, v, caches = paged_step([(1, 300), (4, 90), (1, 5), (30, 200)], 4, 9, 3, 64,
                                          torch.float32, seed=7)
