@@ -554,8 +554,9 @@ INLINE void find_shared_prefixes(const int64_t *tables, int64_t table_stride, co
    Chunk c is tokens [start[c], start[c] + len[c]) of q [T, heads, dim] (rows and heads
    strided) and out [T, heads, dim]; its sequence has ctx[c] keys through block table row c.
    One parallel pass packs each (chunk, KV head)'s keys and values (those not shared with a
-   root chunk), a second attends tiles of TASK_TILES x TILE_M query heads. */
-INLINE void attention_chunks(const void *restrict q, int64_t stride_t, int64_t stride_h,
+   root chunk), a second attends tiles of TASK_TILES x TILE_M query heads. Returns 0, or 1
+   when its buffers (~8 bytes per key, dimension and KV head) could not be allocated. */
+INLINE int64_t attention_chunks(const void *restrict q, int64_t stride_t, int64_t stride_h,
                              const void *restrict k_cache, const void *restrict v_cache,
                              const int64_t *tables, int64_t table_stride, const int64_t *start,
                              const int64_t *len, const int64_t *ctx, int64_t chunks,
@@ -575,14 +576,23 @@ INLINE void attention_chunks(const void *restrict q, int64_t stride_t, int64_t s
         widest = tile_width(ctx[c]) > widest ? tile_width(ctx[c]) : widest;
     }
     float *packed = malloc(sizeof(float) * packed_at[pairs]);
+    int64_t failed = packed == NULL;
 #define SPAN(p)                                                                                 \
     ((Packed){packed + packed_at[p], packed + packed_at[p] + tile_width(ctx[(p) / kv_heads] - shared[(p) / kv_heads]) * dim, \
               tile_width(ctx[(p) / kv_heads] - shared[(p) / kv_heads])})
-#pragma omp parallel num_threads(num_threads)
+#pragma omp parallel num_threads(num_threads) if (!failed)
     {
+        float *queries = malloc(sizeof(float) * TILE_M * dim);
+        float *scores = malloc(sizeof(float) * TILE_M * widest);
+        if (!queries || !scores) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
 #pragma omp for schedule(dynamic)
         for (int64_t p = 0; p < pairs; p++) {
             int64_t c = p / kv_heads;
+            if (failed) continue;
             if (bf)
                 pack_keys_values(k_cache, v_cache, tables + c * table_stride, shared[c],
                                  ctx[c] - shared[c], block_size, kv_heads, p % kv_heads, dim,
@@ -592,10 +602,9 @@ INLINE void attention_chunks(const void *restrict q, int64_t stride_t, int64_t s
                                  ctx[c] - shared[c], block_size, kv_heads, p % kv_heads, dim,
                                  SPAN(p), 0);
         }
-        float *queries = malloc(sizeof(float) * TILE_M * dim);
-        float *scores = malloc(sizeof(float) * TILE_M * widest);
 #pragma omp for schedule(dynamic)
         for (int64_t t = 0; t < task_at[pairs]; t++) {
+            if (failed) continue;
             int64_t p = 0;
             while (task_at[p + 1] <= t) p++;
             int64_t c = p / kv_heads, h = p % kv_heads;
@@ -623,12 +632,17 @@ INLINE void attention_chunks(const void *restrict q, int64_t stride_t, int64_t s
     free(task_at);
     free(root);
     free(shared);
+    return failed;
 }
 
 /* The exported versions: name_f32 and name_bf16 */
 #define EXPORT(name, params, ...)                         \
     void name##_f32 params { name(__VA_ARGS__, 0); }     \
     void name##_bf16 params { name(__VA_ARGS__, 1); }
+
+#define EXPORT_STATUS(name, params, ...)                  \
+    int64_t name##_f32 params { return name(__VA_ARGS__, 0); } \
+    int64_t name##_bf16 params { return name(__VA_ARGS__, 1); }
 
 #define P const void *
 EXPORT(rms_norm,
@@ -647,7 +661,7 @@ EXPORT(attention_rows,
        q, st, sh, kc, vc, tables, ts, tok, seq, len, rows, heads, kv_heads, dim, bs, scale, out,
        threads, parallel)
 
-EXPORT(attention_chunks,
+EXPORT_STATUS(attention_chunks,
        (P q, int64_t st, int64_t sh, P kc, P vc, const int64_t *tables, int64_t ts,
         const int64_t *start, const int64_t *len, const int64_t *ctx, int64_t chunks,
         int64_t heads, int64_t kv_heads, int64_t dim, int64_t bs, float scale, void *out,

@@ -48,6 +48,8 @@ _SIGNATURES = {
     "attention_chunks": [_P, _I, _I, _P, _P, _P, _I, _P, _P, _P, _I, _I, _I, _I, _I, _F, _P, _I],
 }
 
+_RETURNS_STATUS = {"attention_chunks"}  # 0, or 1 when its buffers could not be allocated
+
 
 class CpuKernels:
     """Typed wrappers around the compiled library, for float32 and bfloat16 CPU tensors."""
@@ -58,7 +60,8 @@ class CpuKernels:
         for name, argtypes in _SIGNATURES.items():
             for dtype, suffix in DTYPES.items():
                 fn = getattr(library, f"{name}_{suffix}")
-                fn.argtypes, fn.restype = argtypes, None
+                fn.argtypes = argtypes
+                fn.restype = ctypes.c_int64 if name in _RETURNS_STATUS else None
                 self._fns[name, dtype] = fn
         library.max_dim.restype = library.dim_multiple.restype = ctypes.c_int64
         self.max_dim, self.dim_multiple = library.max_dim(), library.dim_multiple()
@@ -152,11 +155,13 @@ class CpuKernels:
         q = _packed(q)
         _, heads, dim = q.shape
         _, block_size, kv_heads, _ = k_cache.shape
-        self._fns["attention_chunks", q.dtype](
+        failed = self._fns["attention_chunks", q.dtype](
             q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
             block_tables.data_ptr(), block_tables.stride(0), starts.data_ptr(), lens.data_ptr(),
             context_lens.data_ptr(), starts.shape[0], heads, kv_heads, dim, block_size, scale,
             out.data_ptr(), torch.get_num_threads())
+        if failed:
+            raise MemoryError("attention_chunks: no memory for the packed keys and values")
 
 
 def _packed(t: torch.Tensor) -> torch.Tensor:
