@@ -69,9 +69,10 @@ class DraftModelProposer(Proposer):
         engine: EngineConfig,
         max_model_len: int,
         max_pass_rows: int = 0,
+        row_block: int = 1,
     ) -> None:
         """`num_blocks`: as many as the target's cache has (the engine sized both)."""
-        super().__init__(config, max_model_len, max_pass_rows)
+        super().__init__(config, max_model_len, max_pass_rows, row_block)
         bs = self.block_size = engine.block_size
         kv_caches = allocate_kv_cache(draft.config, num_blocks, bs, device, kv_dtype)
         self.pool = BlockPool(num_blocks, bs, engine.enable_prefix_caching)

@@ -111,12 +111,14 @@ class LLMEngine:
         )
         self.sampler = Sampler(loaded.config.vocab_size, config.seed, self.device)
         self.proposer: Proposer | None = None
-        pass_rows = loaded.model.int4_rows()  # proposals keep a pass on the 4-bit kernels
+        # proposals keep a pass on the 4-bit kernels, in full blocks of their rows
+        pass_rows, row_block = loaded.model.int4_rows(), loaded.model.row_block()
         if speculative is not None and draft is not None:
             self.proposer = DraftModelProposer(speculative, draft, num_blocks, kv_dtype,
-                                               self.device, config, self.max_model_len, pass_rows)
+                                               self.device, config, self.max_model_len,
+                                               pass_rows, row_block)
         elif speculative is not None:
-            self.proposer = NgramProposer(speculative, self.max_model_len, pass_rows)
+            self.proposer = NgramProposer(speculative, self.max_model_len, pass_rows, row_block)
         self.spec_counters = SpecDecodeCounters(
             accepted_per_pos=[0] * (speculative.num_speculative_tokens if speculative else 0))
         self.requests: dict[str, Request] = {}

@@ -54,8 +54,9 @@ class NgramIndex:
 
 
 class NgramProposer(Proposer):
-    def __init__(self, config: SpeculativeConfig, max_model_len: int, max_pass_rows: int = 0) -> None:
-        super().__init__(config, max_model_len, max_pass_rows)
+    def __init__(self, config: SpeculativeConfig, max_model_len: int, max_pass_rows: int = 0,
+                 row_block: int = 1) -> None:
+        super().__init__(config, max_model_len, max_pass_rows, row_block)
         if config.prompt_lookup_min is None or config.prompt_lookup_max is None:
             raise ValueError("prompt lookup needs prompt_lookup_min and prompt_lookup_max")
         self.lo, self.hi = config.prompt_lookup_min, config.prompt_lookup_max

@@ -10,7 +10,7 @@ from pikaserve.config import EngineConfig
 from pikaserve.engine.constraint import Draft
 from pikaserve.engine.ngram import NgramIndex, NgramProposer
 from pikaserve.engine.proposer import (
-    MIN_ACCEPTANCE, ProposalState, min_acceptance, proposal_length)
+    MIN_ACCEPTANCE, ProposalState, fit_blocks, min_acceptance, proposal_length)
 from pikaserve.engine.request import Request
 from pikaserve.engine.sampling_params import SamplingParams
 
@@ -177,3 +177,28 @@ def test_a_steps_proposals_keep_the_pass_within_its_rows():
     assert [r.draft.token_ids if r.draft else None for r in reqs] == [[4, 5, 6, 7], None, None]
     proposer.propose(reqs[1:], 5)  # 5 running leave 2
     assert reqs[1].draft.token_ids == [4, 5] and reqs[2].draft is None
+
+
+def test_proposals_fill_whole_blocks_of_rows():
+    """With a row block of 4 (torch's int4 kernel), a step's drafts fill the rows its running
+    requests leave in their last block, and open a new block only when they fill it, keeping
+    each request's likeliest tokens (its first ones, from the best-accepted requests)."""
+
+    def wanted(*pairs: tuple[float, int]) -> list:
+        states = []
+        for acceptance, k in pairs:
+            state = ProposalState()
+            state.acceptance = acceptance
+            states.append((f"req{len(states)}", state, k))
+        return states
+
+    def kept(ws, running):
+        return [(req, k) for req, _, k in fit_blocks(ws, running, 4)]
+
+    assert kept(wanted((0.9, 4)), 1) == [("req0", 3)]  # 1 + 3 rows: one block
+    assert kept(wanted((0.9, 4), (0.5, 4)), 2) == [("req0", 4), ("req1", 2)]  # 2 + 6: two
+    assert kept(wanted((0.5, 1), (0.6, 1)), 4) == []  # 2 rows would open a block of 4
+    assert kept(wanted((0.5, 2), (0.9, 1), (0.7, 1)), 4) == [("req0", 2), ("req1", 1), ("req2", 1)]
+    ws = wanted((0.5, 3), (0.9, 3))  # 3 running leave 1 row; 5 of the 6 fill it and a block
+    assert kept(ws, 3) == [("req0", 2), ("req1", 3)]  # without req0's third (0.5**3)
+    assert fit_blocks(ws, 3, 1) == ws  # no blocks: as proposed

@@ -84,6 +84,9 @@ def test_model_uses_int4_for_few_rows_and_agrees_with_bf16(tiny_gguf):
     layers = packed.engine.runner.model.layers
     assert all(layer.qkv_proj.int4 is not None and layer.down_proj.int4 for layer in layers)
     assert all(layer.qkv_proj.int4 is None for layer in plain.engine.runner.model.layers)
+    # torch's int4 kernel multiplies rows 4 at a time: speculative proposals fill such blocks
+    assert packed.engine.runner.model.row_block() == 4
+    assert plain.engine.runner.model.row_block() == 1
     for prompt in ([1, 5, 9], [1, 7, 3, 8, 2, 6]):  # a prefill of <= 8 rows: the int4 path
         assert_close_at_scale(prefill_logits(packed, prompt), prefill_logits(plain, prompt))
 
