@@ -576,10 +576,12 @@ INLINE int64_t attention_chunks(const void *restrict q, int64_t stride_t, int64_
         widest = tile_width(ctx[c]) > widest ? tile_width(ctx[c]) : widest;
     }
     float *packed = malloc(sizeof(float) * packed_at[pairs]);
-    int64_t failed = packed == NULL;
-#define SPAN(p)                                                                                 \
-    ((Packed){packed + packed_at[p], packed + packed_at[p] + tile_width(ctx[(p) / kv_heads] - shared[(p) / kv_heads]) * dim, \
-              tile_width(ctx[(p) / kv_heads] - shared[(p) / kv_heads])})
+    Packed *spans = malloc(sizeof(Packed) * pairs); /* each pair's own keys and values */
+    int64_t failed = packed == NULL || spans == NULL;
+    for (int64_t p = 0; p < pairs && !failed; p++) {
+        int64_t width = tile_width(ctx[p / kv_heads] - shared[p / kv_heads]);
+        spans[p] = (Packed){packed + packed_at[p], packed + packed_at[p] + width * dim, width};
+    }
 #pragma omp parallel num_threads(num_threads) if (!failed)
     {
         float *queries = malloc(sizeof(float) * TILE_M * dim);
@@ -596,19 +598,23 @@ INLINE int64_t attention_chunks(const void *restrict q, int64_t stride_t, int64_
             if (bf)
                 pack_keys_values(k_cache, v_cache, tables + c * table_stride, shared[c],
                                  ctx[c] - shared[c], block_size, kv_heads, p % kv_heads, dim,
-                                 SPAN(p), 1);
+                                 spans[p], 1);
             else
                 pack_keys_values(k_cache, v_cache, tables + c * table_stride, shared[c],
                                  ctx[c] - shared[c], block_size, kv_heads, p % kv_heads, dim,
-                                 SPAN(p), 0);
+                                 spans[p], 0);
         }
 #pragma omp for schedule(dynamic)
         for (int64_t t = 0; t < task_at[pairs]; t++) {
             if (failed) continue;
-            int64_t p = 0;
-            while (task_at[p + 1] <= t) p++;
+            int64_t p = 0, past = pairs; /* the pair of task t: task_at[p] <= t < task_at[p + 1] */
+            while (past - p > 1) {
+                int64_t mid = (p + past) / 2;
+                if (task_at[mid] <= t) p = mid;
+                else past = mid;
+            }
             int64_t c = p / kv_heads, h = p % kv_heads;
-            Packed own = SPAN(p), prefix = SPAN(root[c] * kv_heads + h);
+            Packed own = spans[p], prefix = spans[root[c] * kv_heads + h];
             int64_t first = (t - task_at[p]) * per_task, end = first + per_task;
             end = end < len[c] * group ? end : len[c] * group;
             for (int64_t m = first; m < end; m += TILE_M) {
@@ -626,8 +632,8 @@ INLINE int64_t attention_chunks(const void *restrict q, int64_t stride_t, int64_
         free(queries);
         free(scores);
     }
-#undef SPAN
     free(packed);
+    free(spans);
     free(packed_at);
     free(task_at);
     free(root);
