@@ -51,9 +51,10 @@ class TorchBackend:
             rows = make(layout, np.flatnonzero(short), tensor)
         long = np.flatnonzero(~short)
         if self.native is not None:
-            paged = _paged_chunks(layout, long, tensor) if len(long) else []
+            paged: PagedChunks | list[ChunkSequence] = (
+                _paged_chunks(layout, long, tensor) if len(long) else [])
             return AttentionMetadata(tensor(layout.slot_mapping), rows, paged)
-        chunks = []
+        chunks: list[ChunkSequence] = []
         for i in long:
             start, n, ctx = layout.query_starts[i], layout.query_lens[i], layout.context_lens[i]
             mask = None
