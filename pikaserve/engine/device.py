@@ -65,10 +65,11 @@ def describe_cpu(dtype: torch.dtype, int4_rows: int, int8_rows: int, q4_int8_lay
     if int8_rows:
         which = "the other weights" if q4_int8_layers or int4_rows else "the weights"
         small += f"; int8 copies of {which} (bfloat16 activations) for steps of <= {int8_rows} rows"
-    small_ops = "compiled C kernels" if native else "PyTorch ops"
+    small_ops = ("norms, rope and attention: compiled C kernels" if native
+                 else "norms, rope and attention: PyTorch ops (SDPA for prefill chunks)")
     return (f"CPU flags {' '.join(cpu_flags()) or 'none of note'}; torch kernels {isas['torch']}, "
             f"oneDNN cap {isas['onednn_cap']}; matmuls {matmul} (oneDNN, weights reordered once){small}"
-            f"; norms, rope and attention of short sequences: {small_ops}")
+            f"; {small_ops}")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
