@@ -59,22 +59,23 @@ def proposal_length(acceptance: float, num_running: int, most: int) -> int:
 Wanted = list[tuple[Request, "ProposalState", int]]  # (request, its state, tokens to propose)
 
 
-def fit_blocks(wanted: Wanted, num_running: int, block: int) -> Wanted:
-    """The step's proposals cut so that the pass ends on a full block of `block` rows, where
-    the model's matmul kernels multiply rows a block at a time and a block costs about as
-    much part-filled as full (torch's int4 CPU kernel: model/llama.py, INT4_ROW_BLOCK). Drafts
-    fill the rows the running requests leave free in their last block, and open a new block
-    only when they fill it; the least likely tokens go first (a request's i-th comes true
-    with about acceptance**i). At batch 1 with 4 speculative tokens a pass verifies 3."""
-    total = sum(k for _, _, k in wanted)
+def fit_blocks(lengths: list[int], acceptances: list[float], num_running: int,
+               block: int) -> list[int]:
+    """The step's proposal lengths cut so that the pass ends on a full block of `block` rows,
+    where the model's matmul kernels multiply rows a block at a time and a block costs about
+    as much part-filled as full (torch's int4 CPU kernel: model/llama.py, INT4_ROW_BLOCK).
+    Drafts fill the rows the running requests leave free in their last block, and open a new
+    block only when they fill it; the least likely tokens go first (a request's i-th comes
+    true with about acceptance**i). At batch 1 with 4 speculative tokens a pass verifies 3."""
+    total = sum(lengths)
     free = -num_running % block
     keep = total if total <= free else free + (total - free) // block * block
     if keep == total:
-        return wanted
-    likely = sorted(((state.acceptance ** (i + 1), j) for j, (_, state, k) in enumerate(wanted)
+        return lengths
+    likely = sorted(((acceptances[j] ** (i + 1), j) for j, k in enumerate(lengths)
                      for i in range(k)), reverse=True)[:keep]
     counts = Counter(j for _, j in likely)
-    return [(req, state, counts[j]) for j, (req, state, _) in enumerate(wanted) if counts[j]]
+    return [counts[j] for j in range(len(lengths))]
 
 
 class ProposalState:
@@ -127,10 +128,15 @@ class Proposer:
             if k > 0:
                 wanted.append((req, req.proposal_state, k))
                 spare -= k
-        wanted = fit_blocks(wanted, num_running, self.row_block)
-        if wanted:
-            for (req, _, _), tokens in zip(wanted, self.continuations(wanted)):
-                req.draft = Draft(tokens, None, verify_each=True) if tokens else None
+        if not wanted:
+            return
+        # fitted to blocks once the continuations are known: one may come back short or empty
+        found = self.continuations(wanted)
+        lengths = fit_blocks([len(tokens) for tokens in found],
+                             [state.acceptance for _, state, _ in wanted], num_running,
+                             self.row_block)
+        for (req, _, _), tokens, k in zip(wanted, found, lengths):
+            req.draft = Draft(tokens[:k], None, verify_each=True) if k else None
 
     def room(self, req: Request, state: ProposalState, num_running: int) -> int:
         """How many tokens the request may propose now: 0 for one that finished, has a

@@ -183,22 +183,31 @@ def test_proposals_fill_whole_blocks_of_rows():
     """With a row block of 4 (torch's int4 kernel), a step's drafts fill the rows its running
     requests leave in their last block, and open a new block only when they fill it, keeping
     each request's likeliest tokens (its first ones, from the best-accepted requests)."""
+    assert fit_blocks([4], [0.9], 1, 4) == [3]  # 1 + 3 rows: one block
+    assert fit_blocks([4, 4], [0.9, 0.5], 2, 4) == [4, 2]  # 2 + 6 rows: two blocks
+    assert fit_blocks([1, 1], [0.5, 0.6], 4, 4) == [0, 0]  # 2 rows would open a block of 4
+    assert fit_blocks([2, 1, 1], [0.5, 0.9, 0.7], 4, 4) == [2, 1, 1]
+    # 3 running leave 1 row; 5 of the 6 fill it and a block, without the first's third (0.5**3)
+    assert fit_blocks([3, 3], [0.5, 0.9], 3, 4) == [2, 3]
+    assert fit_blocks([3, 3], [0.5, 0.9], 3, 1) == [3, 3]  # no blocks: as proposed
+    assert fit_blocks([0, 2], [1.0, 0.5], 2, 4) == [0, 2]
 
-    def wanted(*pairs: tuple[float, int]) -> list:
-        states = []
-        for acceptance, k in pairs:
-            state = ProposalState()
-            state.acceptance = acceptance
-            states.append((f"req{len(states)}", state, k))
-        return states
 
-    def kept(ws, running):
-        return [(req, k) for req, _, k in fit_blocks(ws, running, 4)]
-
-    assert kept(wanted((0.9, 4)), 1) == [("req0", 3)]  # 1 + 3 rows: one block
-    assert kept(wanted((0.9, 4), (0.5, 4)), 2) == [("req0", 4), ("req1", 2)]  # 2 + 6: two
-    assert kept(wanted((0.5, 1), (0.6, 1)), 4) == []  # 2 rows would open a block of 4
-    assert kept(wanted((0.5, 2), (0.9, 1), (0.7, 1)), 4) == [("req0", 2), ("req1", 1), ("req2", 1)]
-    ws = wanted((0.5, 3), (0.9, 3))  # 3 running leave 1 row; 5 of the 6 fill it and a block
-    assert kept(ws, 3) == [("req0", 2), ("req1", 3)]  # without req0's third (0.5**3)
-    assert fit_blocks(ws, 3, 1) == ws  # no blocks: as proposed
+def test_blocks_are_fitted_to_what_the_lookup_found():
+    """With 4 running rows a new block needs 4 draft tokens: a request that finds nothing to
+    look up leaves its share to none, and the others' are cut to whole blocks."""
+    proposer = NgramProposer(EngineConfig(speculative_config=NGRAM).speculative(), 100,
+                             max_pass_rows=12, row_block=4)
+    copying = [1, 2, 3, 4, 5, 6, 7, 1, 2, 3]
+    reqs = [request(copying, [], max_tokens=None), request([9, 8, 7, 6], [], max_tokens=None),
+            request(copying, [], max_tokens=None)]
+    for req, acceptance in zip(reqs, (1.0, 1.0, 0.6)):
+        req.proposal_state = ProposalState(proposer.memory_for(req))
+        req.proposal_state.acceptance = acceptance
+    proposer.propose(reqs, 4)  # asked for 4, 4 and 0 (8 spare rows); found 4, 0
+    assert [r.draft.token_ids if r.draft else None for r in reqs] == [[4, 5, 6, 7], None, None]
+    for req in reqs:
+        req.draft = None
+    reqs[1].proposal_state.acceptance = 0.6
+    proposer.propose(reqs, 4)  # asked for 4, 1 and 1; found 4, 0 and 1: 5 cut to 4
+    assert [r.draft.token_ids if r.draft else None for r in reqs] == [[4, 5, 6, 7], None, None]
