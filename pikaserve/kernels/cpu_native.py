@@ -8,7 +8,8 @@ torch attention backend calls `attention_rows`.
 
 The source is compiled once per machine with `cc -O3` for the instruction sets torch's own
 kernels use (so ATEN_CPU_CAPABILITY=avx2 gets AVX2 code here too) and cached under
-~/.cache/pikaserve/kernels (PIKASERVE_CACHE_DIR moves it). Without a compiler, or when the
+~/.cache/pikaserve/kernels (PIKASERVE_CACHE_DIR moves it); a new build removes the same
+source's builds unused for 30 days. Without a compiler, or when the
 build fails, `load("auto")` returns None and everything runs in plain PyTorch.
 """
 
@@ -21,6 +22,7 @@ import os
 import platform
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -39,6 +41,7 @@ DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 # thread vs two), even at 8; rope of 12 heads x 64 even at 16 rows, 6.3 vs 5.8 us at 32.
 PARALLEL_WORK = 4096
 PARALLEL_ELEMENTS = 16384
+STALE_DAYS = 30  # a build unused this long is removed when the same source is built anew
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
@@ -230,7 +233,22 @@ def build(source_path: Path = SOURCE) -> Path:
         raise OSError(f"{compiler} failed on {source_path.name}: {' / '.join(errors[:3])}")
     os.replace(partial, path)
     logger.info("built %s: %s", source_path.name, path)
+    _prune_stale(path.parent, source_path.stem, keep=path)
     return path
+
+
+def _prune_stale(folder: Path, stem: str, keep: Path) -> None:
+    """Removes the source's other builds unused for STALE_DAYS: each change of the source,
+    the compiler or the CPU leaves one behind. Used means read (loading reads the file: its
+    access time moves, at least daily under relatime) or written."""
+    cutoff = time.time() - STALE_DAYS * 86400
+    for old in folder.glob(f"{stem}-*.so"):
+        try:
+            info = old.stat()
+            if old != keep and max(info.st_atime, info.st_mtime) < cutoff:
+                old.unlink()
+        except OSError:
+            pass  # gone already, or not ours to remove
 
 
 def _isa_flags() -> list[str]:

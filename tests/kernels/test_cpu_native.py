@@ -211,6 +211,27 @@ def test_build_is_cached_per_source_and_machine(tmp_path, monkeypatch):
     assert cpu_native.build() == first and first.stat().st_mtime_ns == mtime  # not rebuilt
 
 
+def test_a_new_build_removes_the_sources_stale_builds(tmp_path, monkeypatch):
+    """Each change of the source, compiler or CPU leaves a build behind: a new build removes
+    the same source's builds unused for 30 days, and no other."""
+    import os
+    import time
+
+    monkeypatch.setenv("PIKASERVE_CACHE_DIR", str(tmp_path))
+    folder = tmp_path / "kernels"
+    folder.mkdir()
+    month_ago = time.time() - 31 * 86400
+    stale, recent, other = (folder / name for name in (
+        "cpu_kernels-0000000000000000.so", "cpu_kernels-1111111111111111.so",
+        "q4_matmul-2222222222222222.so"))
+    for path in (stale, recent, other):
+        path.write_bytes(b"")
+    for path in (stale, other):
+        os.utime(path, (month_ago, month_ago))
+    built = cpu_native.build()
+    assert built.exists() and recent.exists() and other.exists() and not stale.exists()
+
+
 def test_without_a_compiler_auto_falls_back_and_native_refuses(tmp_path, monkeypatch):
     """Both C files (this one's and the Q4 x int8 kernel's) build through open_library."""
     from pikaserve.kernels import q4_matmul
