@@ -4,13 +4,14 @@ A CPU decode step of a small model is mostly eager-op overhead around its matmul
 layer at a few microseconds each, docs/performance.md); these kernels do RMSNorm (+ residual),
 rope and paged attention of query rows in one call each. The model calls them through the
 same four functions as kernels/fused.py (Triton, CUDA; SiLU * up stays PyTorch's here); the
-torch attention backend calls `attention_rows`.
+torch attention backend calls `attention_rows` for short sequences and `attention_chunks`
+for prefill chunks (2-3x faster than SDPA there).
 
 The source is compiled once per machine with `cc -O3` for the instruction sets torch's own
 kernels use (so ATEN_CPU_CAPABILITY=avx2 gets AVX2 code here too) and cached under
 ~/.cache/pikaserve/kernels (PIKASERVE_CACHE_DIR moves it); a new build removes the same
-source's builds unused for 30 days. Without a compiler, or when the
-build fails, `load("auto")` returns None and everything runs in plain PyTorch.
+source's builds unused for 30 days. Without a compiler, or when the build fails,
+`load("auto")` returns None and everything runs in plain PyTorch.
 """
 
 from __future__ import annotations
