@@ -21,7 +21,8 @@ from pikaserve.attention.metadata import (
 from pikaserve.kernels.cpu_native import CpuKernels
 
 # Sequences computing at most this many tokens (decodes, drafts, forced chunks) are attended
-# together as query rows; longer ones (prefill chunks) one SDPA call each.
+# together as query rows; longer ones (prefill chunks) one SDPA call each, or all in one call
+# of the compiled chunk kernel.
 MAX_BATCHED_ROWS = 8
 
 

@@ -24,7 +24,7 @@ from pikaserve.attention.layout import LayoutBuilder
 from pikaserve.config import ConfigError, EngineConfig, SpeculativeConfig
 from pikaserve.engine.forward_inputs import ForwardInputs
 from pikaserve.engine.model_runner import ModelRunner
-from pikaserve.engine.proposer import ProposalState, Proposer
+from pikaserve.engine.proposer import Proposer, Wanted
 from pikaserve.engine.request import Request
 from pikaserve.kv.block_pool import BlockPool, extend_hashes
 from pikaserve.kv.kv_cache import allocate_kv_cache
@@ -90,7 +90,7 @@ class DraftModelProposer(Proposer):
             self.pool.free(seq.block_ids)
             seq.block_ids, seq.num_computed, seq.num_published = [], 0, 0
 
-    def continuations(self, wanted: list[tuple[Request, ProposalState, int]]) -> list[list[int]]:
+    def continuations(self, wanted: Wanted) -> list[list[int]]:
         budget = self.max_num_batched_tokens
         chunks: list[tuple[Request, DraftSequence, int, int]] = []  # (req, seq, k, new tokens)
         for req, state, k in wanted:

@@ -11,7 +11,7 @@ Which requests propose, and when proposing stops paying: engine/proposer.py.
 from __future__ import annotations
 
 from pikaserve.config import SpeculativeConfig
-from pikaserve.engine.proposer import ProposalState, Proposer
+from pikaserve.engine.proposer import Proposer, Wanted
 from pikaserve.engine.request import Request
 
 
@@ -64,5 +64,5 @@ class NgramProposer(Proposer):
     def memory_for(self, req: Request) -> NgramIndex:
         return NgramIndex(self.lo, self.hi)
 
-    def continuations(self, wanted: list[tuple[Request, ProposalState, int]]) -> list[list[int]]:
+    def continuations(self, wanted: Wanted) -> list[list[int]]:
         return [state.memory.continuation(req.all_token_ids, k) for req, state, k in wanted]
