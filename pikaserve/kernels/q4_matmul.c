@@ -34,6 +34,10 @@ Layouts (model/q4_int8_weights.py packs them):
 #define TILE 8
 #define MAX_ROWS_AT_ONCE 4
 #define INLINE static inline __attribute__((always_inline))
+/* An empty asm that takes a running sum in a register and gives it back: GCC may then not
+   reassociate the integer sums of a group, which it otherwise turns into trees of spilled
+   partial products (1.3-1.45x slower on a Zen 3 core; results are the same bits). */
+#define KEEP_IN_REGISTER(v) __asm__("" : "+x"(v))
 
 /* With VNNI (AVX512-VNNI, or AVX-VNNI on client CPUs) one vpdpbusd multiplies the byte pairs
    and adds them into int32 lanes; without it, vpmaddubsw's int16 pair sums add up in int16
@@ -148,14 +152,18 @@ INLINE void tile_rows(int bits, int rows, const void *codes, const float *scales
                 __m256i w1 = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
                 for (int r = 0; r < rows; r++) {
                     dot[r] = DOT_BYTES(dot[r], w0, broadcast4(ag + r * k + t * 8));
+                    KEEP_IN_REGISTER(dot[r]);
                     dot[r] = DOT_BYTES(dot[r], w1, broadcast4(ag + r * k + t * 8 + 4));
+                    KEEP_IN_REGISTER(dot[r]);
                 }
             }
         } else {
             for (int t = 0; t < GROUP / 4; t++) {
                 __m256i w = _mm256_loadu_si256((const __m256i *)(bytes + (g * 8 + t) * 32));
-                for (int r = 0; r < rows; r++)
+                for (int r = 0; r < rows; r++) {
                     dot[r] = dot_signed(dot[r], w, broadcast4(ag + r * k + t * 4), ones);
+                    KEEP_IN_REGISTER(dot[r]);
+                }
             }
         }
         __m256 sc = _mm256_loadu_ps(scales + g * TILE);
