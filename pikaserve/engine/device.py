@@ -50,7 +50,8 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def describe_cpu(dtype: torch.dtype, int4_rows: int, int8_rows: int, q4_int8_layers: int,
-                 q8_head: bool, q4_vnni: bool, q4_rows: int | None, native: bool) -> str:
+                 q8_head: bool, q4_vnni: bool, q4_rows: int | None, native: bool,
+                 decode_in_c: bool = False) -> str:
     """One line for the start-up log: what the CPU has and which kernels the engine chose."""
     isas = kernel_isas()
     matmul = "bfloat16, native" if dtype == torch.bfloat16 and cpu_has_fast_bf16() else str(dtype).removeprefix("torch.")
@@ -67,6 +68,8 @@ def describe_cpu(dtype: torch.dtype, int4_rows: int, int8_rows: int, q4_int8_lay
         small += f"; int8 copies of {which} (bfloat16 activations) for steps of <= {int8_rows} rows"
     small_ops = ("norms, rope and attention: compiled C kernels" if native
                  else "norms, rope and attention: PyTorch ops (SDPA for prefill chunks)")
+    if decode_in_c:
+        small_ops += ", strung together in one call per layer for decode steps"
     return (f"CPU flags {' '.join(cpu_flags()) or 'none of note'}; torch kernels {isas['torch']}, "
             f"oneDNN cap {isas['onednn_cap']}; matmuls {matmul} (oneDNN, weights reordered once){small}"
             f"; {small_ops}")

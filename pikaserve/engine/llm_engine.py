@@ -140,7 +140,8 @@ class LLMEngine:
             logger.info(describe_cpu(self.dtype, model.int4_rows(), model.int8_rows(),
                                      model.q4_int8_layers(), model.q8_int8_head(),
                                      model.q4_int8_vnni(), model.q4_int8_rows(),
-                                     loaded.backend.fused_kernels is not None))
+                                     loaded.backend.fused_kernels is not None,
+                                     model.decode_kernel is not None))
 
     # --- requests -----------------------------------------------------------------------
     def add_request(

@@ -70,6 +70,11 @@ class CpuKernels:
         library.max_dim.restype = library.dim_multiple.restype = ctypes.c_int64
         self.max_dim, self.dim_multiple = library.max_dim(), library.dim_multiple()
 
+    def address(self, name: str, dtype: torch.dtype) -> int:
+        """The entry point of a kernel (e.g. "rms_norm") for `dtype`, for C callers
+        (kernels/decode_layer.py)."""
+        return ctypes.cast(self._fns[name, dtype], ctypes.c_void_p).value or 0
+
     def supports(self, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
         """Whether a model of this dtype and attention shape can run on these kernels."""
         return (dtype in DTYPES and num_heads % num_kv_heads == 0
@@ -85,7 +90,7 @@ class CpuKernels:
         rows, width = x.shape
         self._fns["rms_norm", x.dtype](
             x.data_ptr(), x.stride(0), None, 0, weight.data_ptr(), None, out.data_ptr(),
-            rows, width, eps, _threads(out.numel()))
+            rows, width, eps, threads_for(out.numel()))
         return out
 
     def add_rms_norm(
@@ -98,7 +103,7 @@ class CpuKernels:
         self._fns["rms_norm", x.dtype](
             x.data_ptr(), x.stride(0), residual.data_ptr(), residual.stride(0),
             weight.data_ptr(), summed.data_ptr(), out.data_ptr(), rows, width, eps,
-            _threads(out.numel()))
+            threads_for(out.numel()))
         return summed, out
 
     def rotary(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -108,7 +113,7 @@ class CpuKernels:
         self._fns["rotary", qk.dtype](
             qk.data_ptr(), qk.stride(0), qk.stride(1), cos.data_ptr(), cos.stride(0),
             sin.data_ptr(), sin.stride(0), out.data_ptr(), tokens, heads, dim,
-            _threads(out.numel()))
+            threads_for(out.numel()))
         return out
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -174,7 +179,7 @@ def _packed(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _threads(elements: int) -> int:
+def threads_for(elements: int) -> int:
     """Threads for a small op over so many elements: torch's intra-op count, or 1."""
     return torch.get_num_threads() if elements >= PARALLEL_ELEMENTS else 1
 

@@ -49,6 +49,10 @@ class Q4Matmul:
         # built for a CPU with VNNI (vpdpbusd) rather than AVX2's vpmaddubsw alone
         self.vnni = bool(library.uses_vnni())
 
+    def address(self) -> int:
+        """The entry point of q4_matmul, for C callers (kernels/decode_layer.py)."""
+        return ctypes.cast(self._fn, ctypes.c_void_p).value or 0
+
     def max_rows(self) -> int | None:
         """The most rows a pass may have for this kernel to beat oneDNN's float32 here: all
         (None) with VNNI or on an AVX2 CPU, a few on AVX512 without VNNI."""

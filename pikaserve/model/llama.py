@@ -13,6 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pikaserve.attention.backend import AttentionBackend, FusedKernels
+from pikaserve.attention.metadata import PagedRows
+from pikaserve.kernels.cpu_native import CpuKernels
+from pikaserve.kernels.decode_layer import DecodeLayerKernel, LayerArgs
 from pikaserve.kernels.q4_matmul import Q4Matmul
 from pikaserve.model import onednn_weights, q4_int8_weights, q8_int8_weights
 from pikaserve.model.checkpoint import ModelLoadError
@@ -202,6 +205,19 @@ class DecoderLayer(nn.Module):
         return x, self.down_proj.forward(F.silu(gate) * up)
 
 
+def _front_on_q4(layer: DecoderLayer) -> bool:
+    """Whether the layer's matmuls up to the down projection all run on the Q4 x int8 kernel,
+    for every step, beside the compiled CPU kernels (use_decode_layer_kernel)."""
+    return isinstance(layer.kernels, CpuKernels) and all(
+        isinstance(m.integer, Q4Int8Weight) and m.integer_max_rows is None
+        for m in _front_matrices(layer))
+
+
+def _front_matrices(layer: DecoderLayer) -> tuple[Linear, Linear, Linear]:
+    """The layer's matrices before its down projection: qkv, output, gate/up."""
+    return layer.qkv_proj, layer.o_proj, layer.gate_up_proj
+
+
 class LlamaForCausalLM(nn.Module):
     def __init__(
         self, cfg: ModelConfig, max_positions: int, dtype: torch.dtype, device: torch.device,
@@ -218,6 +234,8 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, factory)
         self.rope = RotaryEmbedding(cfg, max_positions, dtype).to(device)
         self.requires_grad_(False)
+        self.decode_kernel: DecodeLayerKernel | None = None  # use_decode_layer_kernel
+        self._decode_args: list[LayerArgs] = []
 
     @torch.inference_mode()
     def forward(
@@ -237,10 +255,13 @@ class LlamaForCausalLM(nn.Module):
         pending: torch.Tensor | None = None  # the residual stream is x + pending
         cos_sin = self.rope(positions)
         hidden: list[torch.Tensor] = []  # with hidden_rows: at each of hidden_layers
-        for i, (layer, kv) in enumerate(zip(self.layers, kv_caches[:depth])):
-            if hidden_rows is not None and i in hidden_layers:
-                hidden.append(_rows(x, pending, hidden_rows).float())
-            x, pending = layer.forward(x, pending, cos_sin, kv, meta)
+        if hidden_rows is None and depth is None and self._decodes_in_c(kv_caches, meta):
+            x, pending = self._decode_layers(x, cos_sin, kv_caches, meta)
+        else:
+            for i, (layer, kv) in enumerate(zip(self.layers, kv_caches[:depth])):
+                if hidden_rows is not None and i in hidden_layers:
+                    hidden.append(_rows(x, pending, hidden_rows).float())
+                x, pending = layer.forward(x, pending, cos_sin, kv, meta)
         num_run = len(self.layers) if depth is None else depth
         if hidden_rows is not None and num_run in hidden_layers:
             hidden.append(_rows(x, pending, hidden_rows).float())
@@ -252,6 +273,44 @@ class LlamaForCausalLM(nn.Module):
         else:
             _, normed = self.norm.add_forward(x[logits_indices], pending[logits_indices])
         return self._logits(normed, vocab_rows), features
+
+    def use_decode_layer_kernel(self, kernel: DecodeLayerKernel) -> bool:
+        """float32 on a CPU with every layer's qkv, output and gate/up matrices on the Q4 x int8
+        kernel (for every step) and the compiled CPU kernels: decode steps run each layer's
+        front in one C call (kernels/decode_layer.py). True where the model qualifies."""
+        layers = self.decoder_layers
+        if (self.cfg.qkv_bias or self.cfg.qk_norm or self.embed_tokens.weight.dtype != torch.float32
+                or not all(map(_front_on_q4, layers))):
+            return False
+        self.decode_kernel = kernel
+        self._decode_args = [
+            kernel.layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                         *(cast(Q4Int8Weight, m.integer) for m in _front_matrices(layer)))
+            for layer in layers]
+        return True
+
+    def _decodes_in_c(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: Any) -> bool:
+        """Whether this step's layers run on the decode-layer kernel: every new token an
+        attention row (no prefill chunks) over a float32 KV cache."""
+        return (self.decode_kernel is not None and isinstance(meta.rows, PagedRows)
+                and not meta.chunks and kv_caches[0][0].dtype == torch.float32)
+
+    def _decode_layers(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                       kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                       meta: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder layers on the decode-layer kernel: (x, pending) as the layers' loop
+        returns them, the same bits."""
+        kernel, cfg, layers = cast(DecodeLayerKernel, self.decode_kernel), self.cfg, self.decoder_layers
+        cos, sin = (t[:, 0].contiguous() for t in cos_sin)
+        step = kernel.step(x.shape[0], cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
+                           cfg.head_dim, layers[0].input_layernorm.eps, cfg.head_dim**-0.5,
+                           cos, sin, meta.slot_mapping, meta.rows, kv_caches[0][0].shape[1])
+        pending: torch.Tensor | None = None
+        for layer, args, (k_cache, v_cache) in zip(layers, self._decode_args, kv_caches):
+            x, gate_up = kernel.front(args, step, x, pending, k_cache, v_cache,
+                                      2 * cfg.intermediate_size)
+            pending = layer.down_proj.forward(cast(CpuKernels, layer.kernels).silu_mul(gate_up))
+        return x, cast(torch.Tensor, pending)
 
     def _logits(self, x: torch.Tensor, vocab_rows: torch.Tensor | None) -> torch.Tensor:
         if x.shape[0] == 0:  # a step of prefill-only (pooling) requests samples nothing

@@ -17,7 +17,8 @@ import torch
 
 from pikaserve.attention.backend import AttentionBackend, select_backend
 from pikaserve.config import DEFAULT_MODEL_ID, ConfigError
-from pikaserve.kernels import q4_matmul
+from pikaserve.kernels import decode_layer, q4_matmul
+from pikaserve.kernels.cpu_native import CpuKernels
 from pikaserve.model.checkpoint import Checkpoint, ModelLoadError
 from pikaserve.model.hf_loader import load_hf_folder, load_hf_tokenizer
 from pikaserve.model.llama import LlamaForCausalLM
@@ -153,6 +154,10 @@ def load_model(
         if q4_int8 == "on" and not model.q4_int8_layers():
             raise ConfigError("q4_int8_matmul 'on' needs a GGUF model with Q4_0, Q4_1 or "
                               f"Q4_K matrices; {path.name} has none")
+        if model.q4_int8_layers() and isinstance(backend.fused_kernels, CpuKernels):
+            decode = decode_layer.load(backend.fused_kernels, q4_kernel)
+            if decode is not None:
+                model.use_decode_layer_kernel(decode)
     if int8_max_rows > 0 and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
         model.use_int8(int8_max_rows)
     if device.type == "cpu":
