@@ -57,7 +57,8 @@ class StepArgs(ctypes.Structure):
 class DecodeLayerKernel:
     """The compiled front, with the functions it strings together."""
 
-    def __init__(self, library: ctypes.CDLL, path: Path, kernels: CpuKernels, q4: Q4Matmul) -> None:
+    def __init__(self, library: ctypes.CDLL, path: Path, kernels: CpuKernels,
+                 q4: Q4Matmul) -> None:
         self.path = path
         self._fn = library.decode_layer_front
         self._fn.argtypes, self._fn.restype = [_P, _P, _P, _P, _P, _P, _P, _P], None
@@ -69,7 +70,8 @@ class DecodeLayerKernel:
               o: Q4Int8Weight, gate_up: Q4Int8Weight) -> LayerArgs:
         """A layer's fixed arguments: its norms' weights (float32, contiguous) and its three
         matrices (the caller keeps them alive)."""
-        return LayerArgs(input_norm.data_ptr(), post_norm.data_ptr(), _q4(qkv), _q4(o), _q4(gate_up))
+        return LayerArgs(input_norm.data_ptr(), post_norm.data_ptr(), _q4(qkv), _q4(o),
+                         _q4(gate_up))
 
     def step(self, rows: int, hidden: int, heads: int, kv_heads: int, head_dim: int,
              eps: float, scale: float, cos: torch.Tensor, sin: torch.Tensor,

@@ -278,9 +278,9 @@ class LlamaForCausalLM(nn.Module):
         """float32 on a CPU with every layer's qkv, output and gate/up matrices on the Q4 x int8
         kernel (for every step) and the compiled CPU kernels: decode steps run each layer's
         front in one C call (kernels/decode_layer.py). True where the model qualifies."""
-        layers = self.decoder_layers
-        if (self.cfg.qkv_bias or self.cfg.qk_norm or self.embed_tokens.weight.dtype != torch.float32
-                or not all(map(_front_on_q4, layers))):
+        layers, cfg = self.decoder_layers, self.cfg
+        float32 = self.embed_tokens.weight.dtype == torch.float32
+        if cfg.qkv_bias or cfg.qk_norm or not float32 or not all(map(_front_on_q4, layers)):
             return False
         self.decode_kernel = kernel
         self._decode_args = [
@@ -300,7 +300,8 @@ class LlamaForCausalLM(nn.Module):
                        meta: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder layers on the decode-layer kernel: (x, pending) as the layers' loop
         returns them, the same bits."""
-        kernel, cfg, layers = cast(DecodeLayerKernel, self.decode_kernel), self.cfg, self.decoder_layers
+        kernel = cast(DecodeLayerKernel, self.decode_kernel)
+        cfg, layers = self.cfg, self.decoder_layers
         cos, sin = (t[:, 0].contiguous() for t in cos_sin)
         step = kernel.step(x.shape[0], cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
                            cfg.head_dim, layers[0].input_layernorm.eps, cfg.head_dim**-0.5,
