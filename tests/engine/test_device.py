@@ -18,3 +18,6 @@ def test_start_up_line_names_the_cpu_features_and_the_kernels_chosen():
             "GGUF codes and the LM head's on int8 codes x int8 activations (integer kernels, "
             "AVX2), every step") in fp32
     assert fp32.endswith("; norms, rope and attention: PyTorch ops (SDPA for prefill chunks)")
+    fused = describe_cpu(torch.float32, 0, 0, 120, True, False, None, True, True)
+    assert fused.endswith("; norms, rope and attention: compiled C kernels, strung together in "
+                          "one call per layer for decode steps")
