@@ -140,7 +140,7 @@ class CpuKernels:
         _, block_size, kv_heads, _ = k_cache.shape
         rows = row_tokens.shape[0]
         threads = torch.get_num_threads()
-        parallel = threads > 1 and rows * kv_heads * longest >= PARALLEL_WORK
+        parallel = rows_in_parallel(rows, kv_heads, longest)
         self._fns["attention_rows", q.dtype](
             q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
             block_tables.data_ptr(), block_tables.stride(0), row_tokens.data_ptr(),
@@ -177,6 +177,11 @@ def _packed(t: torch.Tensor) -> torch.Tensor:
     """t, or a contiguous copy when its last dimension is strided (the kernels step through it
     one element at a time)."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def rows_in_parallel(rows: int, kv_heads: int, longest: int) -> bool:
+    """Whether attention of so many rows runs on several threads (attention_rows)."""
+    return torch.get_num_threads() > 1 and rows * kv_heads * longest >= PARALLEL_WORK
 
 
 def threads_for(elements: int) -> int:

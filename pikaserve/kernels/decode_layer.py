@@ -82,14 +82,14 @@ class DecodeLayerKernel:
         q_size, kv_size = heads * head_dim, kv_heads * head_dim
         scratch = [torch.empty((rows, n), dtype=torch.float32) for n in
                    (hidden, hidden, q_size + 2 * kv_size, q_size + kv_size, q_size, hidden)]
-        parallel = threads > 1 and rows * kv_heads * paged.longest >= cpu_native.PARALLEL_WORK
         args = StepArgs(
             *self._functions, rows, hidden, heads, kv_heads, head_dim, block_size, eps, scale,
             cos.data_ptr(), sin.data_ptr(), cos.stride(0), sin.stride(0), slots.data_ptr(),
             paged.block_tables.data_ptr(), paged.block_tables.stride(0),
             paged.row_tokens.data_ptr(), paged.row_seqs.data_ptr(), paged.row_lens.data_ptr(),
             threads, cpu_native.threads_for(rows * hidden),
-            cpu_native.threads_for(rows * (q_size + kv_size)), int(parallel),
+            cpu_native.threads_for(rows * (q_size + kv_size)),
+            int(cpu_native.rows_in_parallel(rows, kv_heads, paged.longest)),
             *(t.data_ptr() for t in scratch))
         args.tensors = [cos, sin, slots, paged.block_tables, paged.row_tokens, paged.row_seqs,
                         paged.row_lens, *scratch]

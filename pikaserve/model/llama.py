@@ -274,20 +274,19 @@ class LlamaForCausalLM(nn.Module):
             _, normed = self.norm.add_forward(x[logits_indices], pending[logits_indices])
         return self._logits(normed, vocab_rows), features
 
-    def use_decode_layer_kernel(self, kernel: DecodeLayerKernel) -> bool:
+    def use_decode_layer_kernel(self, kernel: DecodeLayerKernel) -> None:
         """float32 on a CPU with every layer's qkv, output and gate/up matrices on the Q4 x int8
         kernel (for every step) and the compiled CPU kernels: decode steps run each layer's
-        front in one C call (kernels/decode_layer.py). True where the model qualifies."""
+        front in one C call (kernels/decode_layer.py). Other models keep decode_kernel None."""
         layers, cfg = self.decoder_layers, self.cfg
         float32 = self.embed_tokens.weight.dtype == torch.float32
         if cfg.qkv_bias or cfg.qk_norm or not float32 or not all(map(_front_on_q4, layers)):
-            return False
+            return
         self.decode_kernel = kernel
         self._decode_args = [
             kernel.layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
                          *(cast(Q4Int8Weight, m.integer) for m in _front_matrices(layer)))
             for layer in layers]
-        return True
 
     def _decodes_in_c(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: Any) -> bool:
         """Whether this step's layers run on the decode-layer kernel: every new token an
