@@ -41,7 +41,8 @@ class FusedKernels(Protocol):
 
     def rotary(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor: ...
 
-    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor: ...
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """SiLU(gate) * up of [T, 2I] -> [T, I]; may write over `gate_up` (the CPU's does)."""
 
 
 class AttentionBackend(Protocol):

@@ -172,9 +172,12 @@ class DecoderLayer(nn.Module):
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         kv: tuple[torch.Tensor, torch.Tensor],
         meta: Any,
+        rows_out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, pending) -> (x', pending'): the residual stream is x + pending. The previous
-        layer's MLP output is added here, fused with this layer's first norm.
+        layer's MLP output is added here, fused with this layer's first norm. With
+        `rows_out`, every row's keys and values are still written but only those rows go
+        on past attention (and come out).
 
         Sub-modules are called through .forward: nn.Module.__call__ costs a few us a call,
         6-8 calls a layer, ~4% of a CPU decode step (no hooks are ever registered here)."""
@@ -196,6 +199,8 @@ class DecoderLayer(nn.Module):
             qk = apply_rotary(qk, cos_sin)
         q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
         attn = self.attn.forward(q, k, v, kv[0], kv[1], meta)
+        if rows_out is not None:
+            x, attn = x[rows_out], attn[rows_out]
         x, h = self.post_attention_layernorm.add_forward(
             x, self.o_proj.forward(attn.reshape(-1, self.q_size)))
         gate_up = self.gate_up_proj.forward(h)
@@ -258,10 +263,20 @@ class LlamaForCausalLM(nn.Module):
         if hidden_rows is None and depth is None and self._decodes_in_c(kv_caches, meta):
             x, pending = self._decode_layers(x, cos_sin, kv_caches, meta)
         else:
+            # Past the last layer's attention (which writes every row's keys and values) only
+            # the logits rows matter: a prefill's other rows skip its output projection and
+            # MLP, ~3% of the pass. On the integer kernels each row is computed alone, so the
+            # logits keep their bits; kernels picked by row count may pick their few-row one.
+            last = len(self.layers) - 1 if (
+                hidden_rows is None and depth is None
+                and logits_indices.shape[0] < input_ids.shape[0]) else None
             for i, (layer, kv) in enumerate(zip(self.layers, kv_caches[:depth])):
                 if hidden_rows is not None and i in hidden_layers:
                     hidden.append(_rows(x, pending, hidden_rows).float())
-                x, pending = layer.forward(x, pending, cos_sin, kv, meta)
+                rows_out = logits_indices if i == last else None
+                x, pending = layer.forward(x, pending, cos_sin, kv, meta, rows_out)
+            if last is not None:
+                logits_indices = torch.arange(logits_indices.shape[0], device=x.device)
         num_run = len(self.layers) if depth is None else depth
         if hidden_rows is not None and num_run in hidden_layers:
             hidden.append(_rows(x, pending, hidden_rows).float())

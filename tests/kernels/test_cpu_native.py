@@ -80,6 +80,17 @@ def test_rotary_of_a_strided_view(kernels, dtype, tokens, dim):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_silu_mul_writes_over_the_gate_with_the_same_bits(kernels, dtype, tokens):
+    gate_up = randn(tokens, 2 * 96, dtype=dtype, seed=4) * 4
+    gate, up = gate_up.clone().chunk(2, dim=-1)
+    want = torch.nn.functional.silu(gate) * up
+    got = kernels.silu_mul(gate_up)
+    assert torch.equal(got, want)
+    assert got.data_ptr() == gate_up.data_ptr()  # in place: no new [tokens, I] tensor
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_small_ops_run_alike_on_one_thread_and_several(kernels, dtype, monkeypatch):
     x, residual = randn(40, 576, dtype=dtype, seed=8), randn(40, 576, dtype=dtype, seed=9)
     weight = randn(576, dtype=dtype, seed=10)

@@ -108,16 +108,17 @@ def test_a_row_gets_the_same_bits_alone_and_in_any_batch(kernel, integer):
     groups = random_groups(64, 192, seed=5)
     weight = (Q4Int8Weight(groups, kernel) if integer == "q4"
               else Q8Int8Weight(groups.dequantize(), kernel))
-    x = torch.randn(11, 192, generator=torch.Generator().manual_seed(6))
+    x = torch.randn(75, 192, generator=torch.Generator().manual_seed(6))  # 3 row blocks
     together = weight.matmul(x)
-    for i in range(11):
+    for i in (*range(11), 31, 32, 33, 74):
         assert torch.equal(weight.matmul(x[i:i + 1]), together[i:i + 1])
     assert torch.equal(weight.matmul(x[3:9]), together[3:9])
+    assert torch.equal(weight.matmul(x[30:70]), together[30:70])
 
 
 def test_one_thread_and_several_give_the_same_bits(kernel):
     groups = random_groups(96, 256, seed=3)
-    x = torch.randn(13, 256, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(45, 256, generator=torch.Generator().manual_seed(4))
     weight = Q4Int8Weight(groups, kernel)
     threads = torch.get_num_threads()
     try:
