@@ -15,12 +15,14 @@ from .test_cpu_weights import prefill_logits
 PROMPT = [1, 17, 42, 99, 5, 23, 8, 64, 3]
 
 
-def rows_into(linear, seen: list[int]):
+def rows_into(linear, seen: list[int]) -> None:
+    """Records the rows of each input to `linear`."""
     forward = linear.forward
 
     def counted(x):
         seen.append(x.shape[0])
         return forward(x)
+
     linear.forward = counted
 
 
@@ -42,19 +44,20 @@ def test_greedy_tokens_unchanged_on_float_weights(tiny_model_dir):
     """Later steps read the keys and values every row of the last layer still wrote."""
     from pikaserve.engine.sampling_params import SamplingParams
 
-    llm = LLM(str(tiny_model_dir("llama")), dtype="float32")
+    llm = LLM(str(tiny_model_dir("llama")), dtype="float32", enable_prefix_caching=False)
     every = prefill_logits(llm, PROMPT, every_row=True)
     torch.testing.assert_close(prefill_logits(llm, PROMPT), every[-1], rtol=1e-5, atol=1e-5)
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     pruned = llm.generate([PROMPT], params)[0].token_ids
     model = llm.engine.runner.model
     forward = model.forward
-    # every row's logits asked for: the last layer runs all rows, as before the change
 
     def every_row(ids, positions, kv_caches, meta, rows, *args, **kwargs):
+        """Asks for every row's logits, so the last layer runs them all, as before."""
         logits, _ = forward(ids, positions, kv_caches, meta, torch.arange(ids.shape[0]),
                             *args, **kwargs)
         return logits[rows], None
+
     model.forward = every_row
     try:
         full = llm.generate([PROMPT], params)[0].token_ids
