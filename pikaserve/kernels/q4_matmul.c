@@ -209,9 +209,10 @@ static void matmul(int bits, const float *x, int64_t x_stride, const void *codes
         for (int64_t i = 0; i < m; i++)
             quantize_row(x + i * x_stride, k, q.a + i * k, q.d + i * groups, q.sums + i * groups);
         /* Each thread takes a fixed share of the tiles and walks them once per block of
-           ROW_BLOCK rows, which stay in L1 while the share's codes stream by from L2. Tile
-           by tile over all rows, a 16-client Pika prefill's ~1,200 rows no longer fit L2:
-           ~100 against ~118 GMAC/s on Zen 3 at 1,280 rows (same bits). */
+           ROW_BLOCK rows, which stay in L1 or L2 (18-48 KB of int8 codes for K = 576-1536)
+           while the share's codes stream by. Tile by tile over all rows, a 16-client Pika
+           prefill's ~1,200 rows no longer fit L2: ~100 against ~118 GMAC/s on Zen 3 at
+           1,280 rows (same bits). */
         const int64_t tiles = n / TILE, parts = omp_get_num_threads(), part = omp_get_thread_num();
         const int64_t first = tiles * part / parts, last = tiles * (part + 1) / parts;
         for (int64_t block = 0; block < m; block += ROW_BLOCK) {
